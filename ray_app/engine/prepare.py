@@ -1,0 +1,149 @@
+"""prepare: raw inputs -> Parquet shards of training-ready rows, with rejects kept, never dropped.
+
+One streaming Ray Data pass: the driver only lists inputs; actors decode batches; a single
+``write_parquet(partition_cols=["status"])`` puts good rows under ``status=ok/`` and rejects
+(path + reason) under ``status=rejected/``. Memory stays bounded however many inputs there are.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import ray
+from ray.data import SaveMode
+
+from ray_app import storage
+from ray_app.config import AppConfig, save_config
+from ray_app.workloads import get_workload
+from ray_app.workloads.base import STATUS_OK, STATUS_REJECTED
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+SUMMARY_FILE = "summary.json"
+
+
+def ok_uri(prepared_uri: str) -> str:
+    return storage.join(prepared_uri, f"status={STATUS_OK}")
+
+
+def rejected_uri(prepared_uri: str) -> str:
+    return storage.join(prepared_uri, f"status={STATUS_REJECTED}")
+
+
+def count_rows(uri: str, filter_expr: Any = None) -> int:
+    """Row count from Parquet metadata (no data read unless a filter needs one column)."""
+    if not storage.exists(uri):
+        return 0
+    fs, path = storage.resolve(uri)
+    return pads.dataset(path, filesystem=fs, format="parquet").count_rows(filter=filter_expr)
+
+
+def pixel_statistics(prepared_uri: str) -> dict[str, list[float]] | None:
+    """Per-channel mean/std over the training split, from per-row moments written by prepare
+    (reads two small columns, not the images)."""
+    uri = ok_uri(prepared_uri)
+    if not storage.exists(uri):
+        return None
+    fs, path = storage.resolve(uri)
+    dataset = pads.dataset(path, filesystem=fs, format="parquet")
+    if "channel_mean" not in dataset.schema.names:
+        return None
+    table = dataset.to_table(columns=["channel_mean", "channel_sq_mean"], filter=pc.field("split") == "train")
+    if table.num_rows == 0:
+        return None
+    mean = np.stack(table["channel_mean"].to_numpy(zero_copy_only=False)).mean(axis=0)
+    sq_mean = np.stack(table["channel_sq_mean"].to_numpy(zero_copy_only=False)).mean(axis=0)
+    std = np.sqrt(np.maximum(sq_mean - mean**2, 1e-8))
+    return {"mean": mean.round(6).tolist(), "std": std.round(6).tolist()}
+
+
+def run_prepare(config: AppConfig) -> dict[str, Any]:
+    if not config.prepare.input:
+        raise ValueError("prepare needs --input: the raw data URI")
+    workload = get_workload(config.workload)
+    options = workload.parse_options(config.options)
+    output = config.prepared_uri()
+    started = time.perf_counter()
+
+    inputs = workload.list_prepare_inputs(
+        config.prepare.input, options, config.prepare.val_fraction, config.prepare.test_fraction, config.prepare.rows_per_block
+    )
+    if inputs.rows_in == 0:
+        raise ValueError(f"no input found under {config.prepare.input}")
+    # One item per input row (files): batch rows_per_block items per task. Items that already
+    # stand for a chunk of rows (npz ranges): one item per task.
+    block_rows = config.prepare.rows_per_block if inputs.items.num_rows == inputs.rows_in else 1
+    blocks = [inputs.items.slice(i, block_rows) for i in range(0, inputs.items.num_rows, block_rows)]
+
+    storage.delete_dir(output)  # a re-run replaces, never appends to, earlier output
+    (
+        ray.data.from_arrow(blocks)
+        .map_batches(
+            workload.preparer_class,
+            fn_constructor_kwargs={"options": options.model_dump(), "manifest": inputs.manifest},
+            batch_size=block_rows,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.prepare.concurrency),
+        )
+        .write_parquet(output, partition_cols=["status"], mode=SaveMode.OVERWRITE)
+    )
+
+    rows_ok = count_rows(ok_uri(output))
+    rows_rejected = count_rows(rejected_uri(output))
+    reasons = _reject_reasons(output)
+    manifest = {**inputs.manifest, "workload": config.workload, "options": options.model_dump()}
+    stats = pixel_statistics(output)
+    if stats:
+        manifest["pixel_stats"] = stats
+    manifest["splits"] = {
+        split: count_rows(ok_uri(output), pc.field("split") == split) for split in ("train", "val", "test")
+    }
+    summary = {
+        "input": config.prepare.input,
+        "output": output,
+        "rows_in": inputs.rows_in,
+        "rows_ok": rows_ok,
+        "rows_rejected": rows_rejected,
+        "reject_reasons": reasons,
+        "rejects": rejected_uri(output),
+        "splits": manifest["splits"],
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    if rows_ok + rows_rejected != inputs.rows_in:
+        # Losing rows silently is the one thing prepare must never do.
+        raise RuntimeError(f"row accounting broken: {inputs.rows_in} in, {rows_ok} ok + {rows_rejected} rejected")
+    storage.write_json(storage.join(output, MANIFEST_FILE), manifest)
+    storage.write_json(storage.join(output, SUMMARY_FILE), summary)
+    save_config(config, output, "prepare")
+    log.info("prepare: %s", summary)
+    return summary
+
+
+def _reject_reasons(output: str) -> dict[str, int]:
+    uri = rejected_uri(output)
+    if not storage.exists(uri):
+        return {}
+    fs, path = storage.resolve(uri)
+    reasons = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["reject_reason"])
+    # Group by the reason's first clause so "corrupt: <detail>" variants count together.
+    return dict(collections.Counter(r.split(":")[0] for r in reasons["reject_reason"].to_pylist()))
+
+
+def load_manifest(prepared_uri: str) -> dict[str, Any]:
+    return storage.read_json(storage.join(prepared_uri, MANIFEST_FILE))
+
+
+def read_split(prepared_uri: str, split: str, columns: list[str]) -> ray.data.Dataset:
+    """The good rows of one split as a Ray Dataset (Parquet column projection, filter on split)."""
+    return (
+        ray.data.read_parquet(ok_uri(prepared_uri), columns=[*columns, "split"])
+        .filter(expr=f"split == '{split}'")
+        .select_columns(columns)
+    )

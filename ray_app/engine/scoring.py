@@ -1,0 +1,63 @@
+"""Ray Data actors that hold a loaded model: built once per actor, then fed batches. Shared by
+evaluate (prepared rows) and predict (raw items)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from ray_app.bundle import load_bundle
+from ray_app.workloads.base import STATUS_OK, STATUS_REJECTED
+
+
+def pick_device(use_gpu: bool) -> str:
+    return "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+
+
+class PreparedRowScorer:
+    """Scores already-prepared rows (evaluate): returns true label + class probabilities."""
+
+    def __init__(self, bundle_uri: str, use_gpu: bool = False) -> None:
+        self.bundle = load_bundle(bundle_uri, pick_device(use_gpu))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        b = self.bundle
+        inputs, targets = b.workload.collate(batch, b.options, b.manifest)
+        return {"label": targets.numpy(), "probabilities": b.predict_proba(inputs)}
+
+
+class BatchPredictor:
+    """Decodes raw items and predicts (batch inference). Bad items become rejects with a reason."""
+
+    def __init__(self, bundle_uri: str, use_gpu: bool = False, top_k: int = 3) -> None:
+        self.bundle = load_bundle(bundle_uri, pick_device(use_gpu))
+        self.top_k = min(top_k, len(self.bundle.classes))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        b = self.bundle
+        items, ids, reasons = b.workload.load_predict_batch(batch, b.options, b.manifest)
+        good = [i for i, reason in enumerate(reasons) if reason is None]
+        probabilities = b.predict_proba(b.workload.stack_items([items[i] for i in good], b.options, b.manifest)) if good else None
+        rows: dict[str, list[Any]] = {"label": [None] * len(ids), "probability": [None] * len(ids), "top_labels": [None] * len(ids), "top_probabilities": [None] * len(ids)}
+        if probabilities is not None:
+            order = np.argsort(-probabilities, axis=1)[:, : self.top_k]
+            for row, i in enumerate(good):
+                rows["label"][i] = b.classes[order[row, 0]]
+                rows["probability"][i] = float(probabilities[row, order[row, 0]])
+                rows["top_labels"][i] = [b.classes[c] for c in order[row]]
+                rows["top_probabilities"][i] = [float(probabilities[row, c]) for c in order[row]]
+        return pa.table(
+            {
+                b.workload.id_column: ids,
+                "label": pa.array(rows["label"], pa.string()),
+                "probability": pa.array(rows["probability"], pa.float64()),
+                "top_labels": pa.array(rows["top_labels"], pa.list_(pa.string())),
+                "top_probabilities": pa.array(rows["top_probabilities"], pa.list_(pa.float64())),
+                "model_version": [str(b.info.get("version", b.info.get("run_name", "")))] * len(ids),
+                "status": [STATUS_OK if r is None else STATUS_REJECTED for r in reasons],
+                "reject_reason": pa.array(reasons, pa.string()),
+            }
+        )

@@ -1,0 +1,35 @@
+"""Joining Ray: an existing cluster when an address is given (or RAY_ADDRESS is set, as under
+``ray job submit``), otherwise a local instance on this machine — the same code either way."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+def connect(address: str | None = None) -> str | None:
+    """Start or join Ray; returns the dashboard URL when there is one."""
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address)
+        else:
+            # A local instance: dashboard on loopback only; Ray's token auth stays at its default (on).
+            ray.init(dashboard_host="127.0.0.1", include_dashboard=True)
+    quiet_data_progress()
+    from ray._private.worker import get_dashboard_url  # the public API only returns it from init()
+
+    url = get_dashboard_url()
+    return f"http://{url}" if url and not url.startswith("http") else url or None
+
+
+def quiet_data_progress() -> None:
+    """Progress bars are for terminals; in logs (jobs, CI) they are noise."""
+    from ray.data import DataContext
+
+    if not os.isatty(2):
+        DataContext.get_current().enable_progress_bars = False

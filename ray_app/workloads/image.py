@@ -1,0 +1,305 @@
+"""Image classification (e.g. medical scans): class-per-folder PNG/JPEG files or MedMNIST ``.npz``,
+a small ResNet written in torch, top-k labels over HTTP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, Field
+from torch import nn
+
+from ray_app import storage
+from ray_app.workloads.base import STATUS_OK, STATUS_REJECTED, BadInput, PrepareInputs, Workload
+
+NPZ_SPLITS = {"train": "train", "val": "val", "test": "test"}  # MedMNIST key prefixes -> our splits
+
+PREPARED_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("label", pa.int64()),
+        ("split", pa.string()),
+        ("image", pa.binary()),  # uint8 C×H×W, shape recorded in the manifest
+        ("channel_mean", pa.list_(pa.float32())),
+        ("channel_sq_mean", pa.list_(pa.float32())),
+        ("status", pa.string()),
+        ("reject_reason", pa.string()),
+    ]
+)
+
+
+class ImageOptions(BaseModel):
+    image_size: int = Field(28, gt=0, description="images are resized to size×size")
+    channels: int = Field(1, description="1 (grayscale) or 3 (RGB)", ge=1, le=3)
+    class_names: list[str] | None = Field(None, description="names for .npz integer labels")
+    max_file_bytes: int = Field(32 * 1024 * 1024, gt=0, description="larger files are rejected")
+    width: int = Field(32, gt=0, description="channels of the first ResNet stage")
+
+
+def assign_split(key: str, val_fraction: float, test_fraction: float) -> str:
+    """Stable split from a hash of the item's key: the same file lands in the same split on every
+    run and machine, so evaluation never sees training rows."""
+    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") / 2**64
+    if h < test_fraction:
+        return "test"
+    if h < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def _to_chw(img: Image.Image, size: int, channels: int) -> np.ndarray:
+    img = img.convert("L" if channels == 1 else "RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def decode_image(data: bytes, size: int, channels: int, max_bytes: int) -> np.ndarray:
+    """Encoded image bytes -> uint8 C×H×W. Raises BadInput with a reason a person can act on."""
+    if not data:
+        raise BadInput("empty file")
+    if len(data) > max_bytes:
+        raise BadInput(f"file too large: {len(data)} bytes > limit {max_bytes}")
+    try:
+        img = Image.open(io.BytesIO(data))
+        # JPEG can decode at reduced scale directly: far cheaper than decode-then-shrink.
+        img.draft("L" if channels == 1 else "RGB", (size, size))
+        return _to_chw(img, size, channels)
+    except UnidentifiedImageError:
+        raise BadInput("not an image (format not recognised)") from None
+    except Image.DecompressionBombError as exc:
+        raise BadInput(f"image too large to decode safely: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadInput(f"corrupt or truncated image: {exc}") from None
+
+
+def file_uri(input_uri: str, fs_path: str) -> str:
+    """Re-attach the scheme that pyarrow strips from remote paths."""
+    return f"{input_uri.split('://', 1)[0]}://{fs_path}" if storage.is_remote(input_uri) else fs_path
+
+
+class _FileReader:
+    """Reads files by URI, keeping one filesystem per scheme (created lazily, once per actor)."""
+
+    def __init__(self) -> None:
+        self._filesystems: dict[str, Any] = {}
+
+    def read(self, uri: str) -> bytes:
+        scheme = uri.split("://", 1)[0] if storage.is_remote(uri) else "local"
+        if scheme not in self._filesystems:
+            self._filesystems[scheme] = storage.resolve(uri)[0]
+        path = uri.split("://", 1)[1] if scheme != "local" else uri
+        with self._filesystems[scheme].open_input_stream(path) as stream:
+            return stream.read()
+
+
+class ImagePreparer:
+    """Ray Data actor: decode, convert channels, resize; rejects keep their path and reason."""
+
+    def __init__(self, options: dict[str, Any], manifest: dict[str, Any]) -> None:
+        self.options = ImageOptions.model_validate(options)
+        self.reader = _FileReader()
+        self._npz_cache: tuple[str, Any] | None = None  # consecutive chunks hit the same file
+
+    def _npz(self, uri: str) -> Any:
+        if self._npz_cache is None or self._npz_cache[0] != uri:
+            self._npz_cache = (uri, np.load(io.BytesIO(self.reader.read(uri)), allow_pickle=False))
+        return self._npz_cache[1]
+
+    def _rows(self, batch: dict[str, np.ndarray]):
+        o = self.options
+        for kind, uri, label, split, start, stop in zip(
+            batch["kind"], batch["uri"], batch["label"], batch["split"], batch["start"], batch["stop"]
+        ):
+            if kind == "npz":
+                arrays = self._npz(uri)
+                images, labels = arrays[f"{split}_images"][start:stop], arrays[f"{split}_labels"][start:stop]
+                for offset, (image, row_label) in enumerate(zip(images, labels.reshape(len(labels), -1)[:, 0])):
+                    path = f"{uri}#{split}/{start + offset}"
+                    try:
+                        yield path, int(row_label), split, _to_chw(Image.fromarray(np.asarray(image, np.uint8)), o.image_size, o.channels), None
+                    except (TypeError, ValueError) as exc:
+                        yield path, int(row_label), split, None, f"bad array image: {exc}"
+                continue
+            if label < 0:
+                yield uri, -1, split, None, "file is not inside a class folder"
+                continue
+            try:
+                yield uri, int(label), split, decode_image(self.reader.read(uri), o.image_size, o.channels, o.max_file_bytes), None
+            except BadInput as exc:
+                yield uri, int(label), split, None, str(exc)
+            except OSError as exc:  # unreadable file (permissions, vanished): still a reject, not a crash
+                yield uri, int(label), split, None, f"cannot read file: {exc}"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        columns: dict[str, list] = {name: [] for name in PREPARED_SCHEMA.names}
+        for path, label, split, chw, reason in self._rows(batch):
+            columns["path"].append(path)
+            columns["label"].append(label)
+            columns["split"].append(split)
+            columns["image"].append(None if chw is None else chw.tobytes())
+            pixels = None if chw is None else chw.reshape(chw.shape[0], -1).astype(np.float32) / 255.0
+            columns["channel_mean"].append(None if pixels is None else pixels.mean(axis=1).tolist())
+            columns["channel_sq_mean"].append(None if pixels is None else (pixels**2).mean(axis=1).tolist())
+            columns["status"].append(STATUS_OK if reason is None else STATUS_REJECTED)
+            columns["reject_reason"].append(reason)
+        return pa.table(columns, schema=PREPARED_SCHEMA)
+
+
+class Normalize(nn.Module):
+    """uint8 pixels -> standardised floats. Inside the model, so training, batch inference and
+    serving cannot drift apart on preprocessing."""
+
+    def __init__(self, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() / 255.0 - self.mean) / self.std
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(c_out),
+        )
+        self.shortcut = (
+            nn.Identity()
+            if stride == 1 and c_in == c_out
+            else nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    def __init__(self, channels: int, num_classes: int, width: int, image_size: int, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        # Large (e.g. 224×224 scans) inputs get a strided stem + pool, as in ResNet; tiny ones don't.
+        large = image_size >= 64
+        self.normalize = Normalize(mean, std)
+        self.stem = nn.Sequential(
+            nn.Conv2d(channels, width, 3 if not large else 7, 2 if large else 1, 1 if not large else 3, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2, 1) if large else nn.Identity(),
+        )
+        self.stages = nn.Sequential(
+            BasicBlock(width, width, 1), BasicBlock(width, 2 * width, 2), BasicBlock(2 * width, 4 * width, 2)
+        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stages(self.stem(self.normalize(x))))
+
+
+class ImageWorkload(Workload):
+    name: ClassVar[str] = "image"
+    Options: ClassVar[type[BaseModel]] = ImageOptions
+    training_columns: ClassVar[list[str]] = ["image", "label"]
+    id_column: ClassVar[str] = "path"
+
+    def list_prepare_inputs(self, input_uri: str, options: ImageOptions, val_fraction: float, test_fraction: float, rows_per_block: int = 256) -> PrepareInputs:
+        input_uri = storage.normalize(input_uri)
+        if input_uri.endswith(".npz"):
+            return self._list_npz(input_uri, options, rows_per_block)
+        root = storage.resolve(input_uri)[1].rstrip("/")
+        files = storage.list_files(input_uri)
+        relative = [f.path[len(root) + 1 :] for f in files]
+        classes = sorted({rel.split("/", 1)[0] for rel in relative if "/" in rel})
+        class_index = {name: i for i, name in enumerate(classes)}
+        items = {
+            "kind": ["file"] * len(files),
+            "uri": [file_uri(input_uri, f.path) for f in files],
+            "label": [class_index.get(rel.split("/", 1)[0], -1) if "/" in rel else -1 for rel in relative],
+            "split": [assign_split(rel, val_fraction, test_fraction) for rel in relative],
+            "start": [0] * len(files),
+            "stop": [0] * len(files),
+        }
+        return PrepareInputs(pa.table(items), rows_in=len(files), manifest=self._manifest(classes, options))
+
+    def _list_npz(self, uri: str, options: ImageOptions, rows_per_block: int) -> PrepareInputs:
+        # Only the (small) label arrays are read here; image arrays are read by the actors.
+        arrays = np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False)
+        items: dict[str, list] = {k: [] for k in ("kind", "uri", "label", "split", "start", "stop")}
+        rows_in, max_label = 0, -1
+        for split in NPZ_SPLITS:
+            key = f"{split}_labels"
+            if key not in arrays.files:
+                continue
+            labels = arrays[key]
+            if labels.ndim == 2 and labels.shape[1] != 1:
+                raise ValueError(f"{uri}: multi-label arrays ({key} shape {labels.shape}) are not supported")
+            rows_in += len(labels)
+            max_label = max(max_label, int(labels.max()) if len(labels) else -1)
+            for start in range(0, len(labels), rows_per_block):
+                for column, value in zip(items, ("npz", uri, -1, split, start, min(start + rows_per_block, len(labels)))):
+                    items[column].append(value)
+        if rows_in == 0:
+            raise ValueError(f"{uri}: no train_/val_/test_ labels found (MedMNIST layout expected)")
+        classes = options.class_names or [str(i) for i in range(max_label + 1)]
+        return PrepareInputs(pa.table(items), rows_in=rows_in, manifest=self._manifest(classes, options))
+
+    @staticmethod
+    def _manifest(classes: list[str], options: ImageOptions) -> dict[str, Any]:
+        return {"classes": classes, "shape": [options.channels, options.image_size, options.image_size]}
+
+    preparer_class: ClassVar[type] = ImagePreparer
+
+    def build_model(self, options: ImageOptions, manifest: dict[str, Any]) -> nn.Module:
+        stats = manifest.get("pixel_stats", {})
+        return SmallResNet(
+            channels=options.channels,
+            num_classes=len(manifest["classes"]),
+            width=options.width,
+            image_size=options.image_size,
+            mean=stats.get("mean", [0.5] * options.channels),
+            std=stats.get("std", [0.25] * options.channels),
+        )
+
+    def collate(self, batch: dict[str, np.ndarray], options: ImageOptions, manifest: dict[str, Any]):
+        shape = manifest["shape"]
+        images = np.frombuffer(b"".join(batch["image"]), dtype=np.uint8).reshape(len(batch["image"]), *shape)
+        targets = torch.as_tensor(batch["label"], dtype=torch.long) if "label" in batch else None
+        return torch.from_numpy(images.copy()), targets
+
+    def list_predict_inputs(self, input_uri: str, options: ImageOptions) -> pa.Table:
+        input_uri = storage.normalize(input_uri)
+        return pa.table({"path": [file_uri(input_uri, f.path) for f in storage.list_files(input_uri)]})
+
+    def load_predict_batch(self, batch, options: ImageOptions, manifest):
+        reader = getattr(self, "_reader", None) or _FileReader()
+        self._reader = reader
+        items, ids, reasons = [], [], []
+        for path in batch["path"]:
+            ids.append(path)
+            try:
+                items.append(self.decode_item(reader.read(path), options, manifest))
+                reasons.append(None)
+            except BadInput as exc:
+                items.append(None)
+                reasons.append(str(exc))
+            except OSError as exc:
+                items.append(None)
+                reasons.append(f"cannot read file: {exc}")
+        return items, ids, reasons
+
+    def decode_item(self, payload: bytes, options: ImageOptions, manifest) -> np.ndarray:
+        return decode_image(payload, options.image_size, options.channels, options.max_file_bytes)
+
+    def stack_items(self, items: list[np.ndarray], options, manifest) -> torch.Tensor:
+        return torch.from_numpy(np.stack(items))
