@@ -11,7 +11,8 @@ import json
 import logging
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import yaml
 from pydantic import BaseModel
@@ -55,7 +56,12 @@ def _flag(name: str) -> str:
 
 def _add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], prefix: str) -> None:
     for name, field in model.model_fields.items():
-        kwargs: dict[str, Any] = {"dest": f"{prefix}.{name}", "default": argparse.SUPPRESS, "help": field.description or "", "metavar": name.upper()}
+        kwargs: dict[str, Any] = {
+            "dest": f"{prefix}.{name}",
+            "default": argparse.SUPPRESS,
+            "help": field.description or "",
+            "metavar": name.upper(),
+        }
         annotation = str(field.annotation)
         if field.annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -75,18 +81,33 @@ def build_parser() -> argparse.ArgumentParser:
     workloads = parser.add_subparsers(dest="workload", required=True, metavar="WORKLOAD")
     for workload_name in names():
         workload = get_workload(workload_name)
-        stages = workloads.add_parser(workload_name, help=f"{workload_name} workload").add_subparsers(dest="stage", required=True, metavar="STAGE")
+        stages = workloads.add_parser(workload_name, help=f"{workload_name} workload").add_subparsers(
+            dest="stage", required=True, metavar="STAGE"
+        )
         for stage, (section, help_text) in STAGES.items():
             sp = stages.add_parser(stage, help=help_text, description=help_text)
             common = sp.add_argument_group("common")
             common.add_argument("--config", help="YAML config file (CLI flags override it)")
-            common.add_argument("--workspace", dest="workspace", default=argparse.SUPPRESS, help="root URI for data, runs, models (default ./workspace)")
-            common.add_argument("--models", dest="models", default=argparse.SUPPRESS, help="model registry URI (default <workspace>/models)")
-            common.add_argument("--address", dest="address", default=argparse.SUPPRESS, help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
-            common.add_argument("--set", dest="set_values", action="append", default=[], metavar="KEY=VALUE", help="any config value, e.g. train.lr=0.001")
+            common.add_argument(
+                "--workspace", dest="workspace", default=argparse.SUPPRESS, help="root URI for data, runs, models (default ./workspace)"
+            )
+            common.add_argument(
+                "--models", dest="models", default=argparse.SUPPRESS, help="model registry URI (default <workspace>/models)"
+            )
+            common.add_argument(
+                "--address",
+                dest="address",
+                default=argparse.SUPPRESS,
+                help="Ray cluster address (default: RAY_ADDRESS or a local instance)",
+            )
+            common.add_argument(
+                "--set", dest="set_values", action="append", default=[], metavar="KEY=VALUE", help="any config value, e.g. train.lr=0.001"
+            )
             _add_model_flags(sp.add_argument_group(stage), config_mod.AppConfig.model_fields[section].annotation, section)
             if stage in RUN_NAME_STAGES:
-                sp.add_argument("--run-name", dest="train.run_name", default=argparse.SUPPRESS, help="training run to use (default: default)")
+                sp.add_argument(
+                    "--run-name", dest="train.run_name", default=argparse.SUPPRESS, help="training run to use (default: default)"
+                )
             _add_model_flags(sp.add_argument_group(f"{workload_name} options"), workload.Options, "options")
     return parser
 
@@ -121,7 +142,13 @@ def run_cli(argv: list[str] | None = None) -> dict[str, Any]:
     dashboard = connect(config.address)
     started = time.perf_counter()
     result = _stage_runner(args.stage)(config)
-    result = {"stage": args.stage, "workload": args.workload, **result, "dashboard": dashboard, "wall_seconds": round(time.perf_counter() - started, 2)}
+    result = {
+        "stage": args.stage,
+        "workload": args.workload,
+        **result,
+        "dashboard": dashboard,
+        "wall_seconds": round(time.perf_counter() - started, 2),
+    }
     print(json.dumps(result, indent=2, default=str))
     if args.stage == "serve" and config.serve.blocking:
         _serve_forever()

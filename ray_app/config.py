@@ -30,7 +30,7 @@ class TrainConfig(_Section):
     run_name: str = Field("default", description="re-running the same name resumes from its last checkpoint")
     epochs: int = Field(3, gt=0)
     batch_size: int = Field(64, gt=0, description="per-worker batch size")
-    lr: float = Field(2e-3, gt=0)
+    lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     warmup_fraction: float = Field(0.05, ge=0, lt=1, description="share of steps with linear LR warm-up")
     num_workers: int = Field(2, gt=0, description="Ray Train workers (DDP ranks)")

@@ -25,7 +25,9 @@ def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
     return table[:, :-1].reshape(-1, 28, 28), table[:, -1].astype(np.int64)
 
 
-def write_image_folders(output: str, limit: int | None = None, size: int = 28, fmt: str = "png", repeat: int = 1, broken: bool = True, seed: int = 0) -> dict[str, int]:
+def write_image_folders(
+    output: str, limit: int | None = None, size: int = 28, fmt: str = "png", repeat: int = 1, broken: bool = True, seed: int = 0
+) -> dict[str, int]:
     """Write ``output/<digit>/<n>.<fmt>``; ``repeat`` > 1 cycles the digits (shifted by a pixel
     or two, so repeats are not byte-identical) to reach benchmark-sized sets."""
     images, labels = load_mnist_5k()
@@ -43,7 +45,11 @@ def write_image_folders(output: str, limit: int | None = None, size: int = 28, f
                 img = img.resize((size, size), Image.Resampling.BILINEAR)
             if fmt == "jpeg":
                 img = img.convert("RGB")
-            img.save(os.path.join(folder, f"{index:05d}_{r}.{'jpg' if fmt == 'jpeg' else fmt}"), format=fmt.upper(), **({"quality": 90} if fmt == "jpeg" else {}))
+            img.save(
+                os.path.join(folder, f"{index:05d}_{r}.{'jpg' if fmt == 'jpeg' else fmt}"),
+                format=fmt.upper(),
+                **({"quality": 90} if fmt == "jpeg" else {}),
+            )
             written += 1
     rejects = write_broken_files(output) if broken else 0
     return {"images": written, "broken": rejects}

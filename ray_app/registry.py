@@ -29,11 +29,7 @@ class ModelRegistry:
         if not storage.exists(self._workload_uri(workload)):
             return []
         infos = storage.list_files(self._workload_uri(workload))
-        found = {
-            int(parts[-2])
-            for parts in (info.path.split("/") for info in infos)
-            if parts[-1] == METADATA_FILE and parts[-2].isdigit()
-        }
+        found = {int(parts[-2]) for parts in (info.path.split("/") for info in infos) if parts[-1] == METADATA_FILE and parts[-2].isdigit()}
         return sorted(found)
 
     def aliases(self, workload: str) -> dict[str, int]:

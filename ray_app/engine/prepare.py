@@ -102,9 +102,7 @@ def run_prepare(config: AppConfig) -> dict[str, Any]:
     stats = pixel_statistics(output)
     if stats:
         manifest["pixel_stats"] = stats
-    manifest["splits"] = {
-        split: count_rows(ok_uri(output), pc.field("split") == split) for split in ("train", "val", "test")
-    }
+    manifest["splits"] = {split: count_rows(ok_uri(output), pc.field("split") == split) for split in ("train", "val", "test")}
     summary = {
         "input": config.prepare.input,
         "output": output,
@@ -143,7 +141,5 @@ def load_manifest(prepared_uri: str) -> dict[str, Any]:
 def read_split(prepared_uri: str, split: str, columns: list[str]) -> ray.data.Dataset:
     """The good rows of one split as a Ray Dataset (Parquet column projection, filter on split)."""
     return (
-        ray.data.read_parquet(ok_uri(prepared_uri), columns=[*columns, "split"])
-        .filter(expr=f"split == '{split}'")
-        .select_columns(columns)
+        ray.data.read_parquet(ok_uri(prepared_uri), columns=[*columns, "split"]).filter(expr=f"split == '{split}'").select_columns(columns)
     )

@@ -41,6 +41,11 @@ def run_register(config: AppConfig) -> dict[str, Any]:
     }
     registry = ModelRegistry(config.models_uri())
     version = registry.register(config.workload, checkpoint, metadata, alias=config.registration.alias)
-    summary = {"workload": config.workload, "version": version, "alias": config.registration.alias, "uri": registry.version_uri(config.workload, version)}
+    summary = {
+        "workload": config.workload,
+        "version": version,
+        "alias": config.registration.alias,
+        "uri": registry.version_uri(config.workload, version),
+    }
     log.info("register: %s", summary)
     return summary

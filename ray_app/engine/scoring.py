@@ -41,7 +41,12 @@ class BatchPredictor:
         items, ids, reasons = b.workload.load_predict_batch(batch, b.options, b.manifest)
         good = [i for i, reason in enumerate(reasons) if reason is None]
         probabilities = b.predict_proba(b.workload.stack_items([items[i] for i in good], b.options, b.manifest)) if good else None
-        rows: dict[str, list[Any]] = {"label": [None] * len(ids), "probability": [None] * len(ids), "top_labels": [None] * len(ids), "top_probabilities": [None] * len(ids)}
+        rows: dict[str, list[Any]] = {
+            "label": [None] * len(ids),
+            "probability": [None] * len(ids),
+            "top_labels": [None] * len(ids),
+            "top_probabilities": [None] * len(ids),
+        }
         if probabilities is not None:
             order = np.argsort(-probabilities, axis=1)[:, : self.top_k]
             for row, i in enumerate(good):

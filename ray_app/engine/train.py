@@ -78,9 +78,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     steps_per_epoch = max(1, math.ceil(cfg["train_rows"] / (cfg["batch_size"] * world_size)))
     total_steps = steps_per_epoch * cfg["epochs"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total_steps, max(1, int(cfg["warmup_fraction"] * total_steps)))
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, max(1, int(cfg["warmup_fraction"] * total_steps))))
     use_amp = device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
@@ -113,7 +111,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                     scaler.update()
                     scheduler.step()
                 n = targets.shape[0]
-                totals += torch.stack([loss.detach().double() * n, workload.correct(logits.detach(), targets).double(), torch.tensor(float(n), dtype=torch.float64, device=device)])
+                totals += torch.stack(
+                    [
+                        loss.detach().double() * n,
+                        workload.correct(logits.detach(), targets).double(),
+                        torch.tensor(float(n), dtype=torch.float64, device=device),
+                    ]
+                )
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(totals)  # every rank sees global loss/accuracy, so reports agree
         loss_sum, correct, count = totals.tolist()

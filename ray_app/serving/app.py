@@ -4,8 +4,6 @@ registry alias/version, ``@serve.batch`` dynamic batching, autoscaling, JSON 4xx
 ``build_app(args)`` is the import path used by ``serve run`` / ``serve deploy`` config files.
 """
 
-from __future__ import annotations
-
 import logging
 from typing import Any
 
@@ -16,8 +14,8 @@ from ray import serve
 from ray.serve import Application
 
 from ray_app import storage
-from ray_app.config import AppConfig
 from ray_app.bundle import load_bundle
+from ray_app.config import AppConfig
 from ray_app.engine.scoring import pick_device
 from ray_app.registry import resolve_model_uri
 from ray_app.workloads.base import BadInput

@@ -80,7 +80,9 @@ class Workload(ABC):
         """Work items for batch prediction (e.g. one row per file)."""
 
     @abstractmethod
-    def load_predict_batch(self, batch: dict[str, np.ndarray], options: BaseModel, manifest: dict[str, Any]) -> tuple[list[Any], list[str], list[str | None]]:
+    def load_predict_batch(
+        self, batch: dict[str, np.ndarray], options: BaseModel, manifest: dict[str, Any]
+    ) -> tuple[list[Any], list[str], list[str | None]]:
         """Turn work items into (decoded items, ids, reject reasons — None where the item is good)."""
 
     @abstractmethod

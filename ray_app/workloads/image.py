@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import zipfile
 from typing import Any, ClassVar
 
 import numpy as np
@@ -39,7 +40,7 @@ class ImageOptions(BaseModel):
     channels: int = Field(1, description="1 (grayscale) or 3 (RGB)", ge=1, le=3)
     class_names: list[str] | None = Field(None, description="names for .npz integer labels")
     max_file_bytes: int = Field(32 * 1024 * 1024, gt=0, description="larger files are rejected")
-    width: int = Field(32, gt=0, description="channels of the first ResNet stage")
+    width: int = Field(16, gt=0, description="channels of the first ResNet stage (doubles twice)")
 
 
 def assign_split(key: str, val_fraction: float, test_fraction: float) -> str:
@@ -85,6 +86,19 @@ def file_uri(input_uri: str, fs_path: str) -> str:
     return f"{input_uri.split('://', 1)[0]}://{fs_path}" if storage.is_remote(input_uri) else fs_path
 
 
+def _npz_array_lengths(data: bytes) -> dict[str, int]:
+    """First-dimension length of each array in an .npz, from the .npy headers alone."""
+    lengths = {}
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        for name in archive.namelist():
+            with archive.open(name) as member:
+                version = np.lib.format.read_magic(member)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape = read_header(member)[0]
+            lengths[name.removesuffix(".npy")] = shape[0] if shape else 0
+    return lengths
+
+
 class _FileReader:
     """Reads files by URI, keeping one filesystem per scheme (created lazily, once per actor)."""
 
@@ -116,15 +130,21 @@ class ImagePreparer:
     def _rows(self, batch: dict[str, np.ndarray]):
         o = self.options
         for kind, uri, label, split, start, stop in zip(
-            batch["kind"], batch["uri"], batch["label"], batch["split"], batch["start"], batch["stop"]
+            batch["kind"], batch["uri"], batch["label"], batch["split"], batch["start"], batch["stop"], strict=True
         ):
             if kind == "npz":
                 arrays = self._npz(uri)
                 images, labels = arrays[f"{split}_images"][start:stop], arrays[f"{split}_labels"][start:stop]
-                for offset, (image, row_label) in enumerate(zip(images, labels.reshape(len(labels), -1)[:, 0])):
+                for offset, (image, row_label) in enumerate(zip(images, labels.reshape(len(labels), -1)[:, 0], strict=True)):
                     path = f"{uri}#{split}/{start + offset}"
                     try:
-                        yield path, int(row_label), split, _to_chw(Image.fromarray(np.asarray(image, np.uint8)), o.image_size, o.channels), None
+                        yield (
+                            path,
+                            int(row_label),
+                            split,
+                            _to_chw(Image.fromarray(np.asarray(image, np.uint8)), o.image_size, o.channels),
+                            None,
+                        )
                     except (TypeError, ValueError) as exc:
                         yield path, int(row_label), split, None, f"bad array image: {exc}"
                 continue
@@ -198,9 +218,7 @@ class SmallResNet(nn.Module):
             nn.ReLU(inplace=True),
             nn.MaxPool2d(3, 2, 1) if large else nn.Identity(),
         )
-        self.stages = nn.Sequential(
-            BasicBlock(width, width, 1), BasicBlock(width, 2 * width, 2), BasicBlock(2 * width, 4 * width, 2)
-        )
+        self.stages = nn.Sequential(BasicBlock(width, width, 1), BasicBlock(width, 2 * width, 2), BasicBlock(2 * width, 4 * width, 2))
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -213,7 +231,9 @@ class ImageWorkload(Workload):
     training_columns: ClassVar[list[str]] = ["image", "label"]
     id_column: ClassVar[str] = "path"
 
-    def list_prepare_inputs(self, input_uri: str, options: ImageOptions, val_fraction: float, test_fraction: float, rows_per_block: int = 256) -> PrepareInputs:
+    def list_prepare_inputs(
+        self, input_uri: str, options: ImageOptions, val_fraction: float, test_fraction: float, rows_per_block: int = 256
+    ) -> PrepareInputs:
         input_uri = storage.normalize(input_uri)
         if input_uri.endswith(".npz"):
             return self._list_npz(input_uri, options, rows_per_block)
@@ -233,8 +253,10 @@ class ImageWorkload(Workload):
         return PrepareInputs(pa.table(items), rows_in=len(files), manifest=self._manifest(classes, options))
 
     def _list_npz(self, uri: str, options: ImageOptions, rows_per_block: int) -> PrepareInputs:
-        # Only the (small) label arrays are read here; image arrays are read by the actors.
-        arrays = np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False)
+        # Only the (small) label arrays and the images' headers are read here; actors read images.
+        data = storage.read_bytes(uri)
+        arrays = np.load(io.BytesIO(data), allow_pickle=False)
+        image_counts = _npz_array_lengths(data)
         items: dict[str, list] = {k: [] for k in ("kind", "uri", "label", "split", "start", "stop")}
         rows_in, max_label = 0, -1
         for split in NPZ_SPLITS:
@@ -244,10 +266,12 @@ class ImageWorkload(Workload):
             labels = arrays[key]
             if labels.ndim == 2 and labels.shape[1] != 1:
                 raise ValueError(f"{uri}: multi-label arrays ({key} shape {labels.shape}) are not supported")
+            if image_counts.get(f"{split}_images") != len(labels):
+                raise ValueError(f"{uri}: {split}_images has {image_counts.get(f'{split}_images')} rows but {key} has {len(labels)}")
             rows_in += len(labels)
             max_label = max(max_label, int(labels.max()) if len(labels) else -1)
             for start in range(0, len(labels), rows_per_block):
-                for column, value in zip(items, ("npz", uri, -1, split, start, min(start + rows_per_block, len(labels)))):
+                for column, value in zip(items, ("npz", uri, -1, split, start, min(start + rows_per_block, len(labels))), strict=True):
                     items[column].append(value)
         if rows_in == 0:
             raise ValueError(f"{uri}: no train_/val_/test_ labels found (MedMNIST layout expected)")
@@ -274,7 +298,7 @@ class ImageWorkload(Workload):
     def collate(self, batch: dict[str, np.ndarray], options: ImageOptions, manifest: dict[str, Any]):
         shape = manifest["shape"]
         images = np.frombuffer(b"".join(batch["image"]), dtype=np.uint8).reshape(len(batch["image"]), *shape)
-        targets = torch.as_tensor(batch["label"], dtype=torch.long) if "label" in batch else None
+        targets = torch.tensor(batch["label"], dtype=torch.long) if "label" in batch else None
         return torch.from_numpy(images.copy()), targets
 
     def list_predict_inputs(self, input_uri: str, options: ImageOptions) -> pa.Table:

@@ -1,0 +1,92 @@
+"""Fast checks of the pieces: decoding, splits, config, CLI, npz input."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ray_app.config import load_config
+from ray_app.engine.train import cpus_per_worker
+from ray_app.workloads.base import BadInput
+from ray_app.workloads.image import ImageOptions, ImageWorkload, assign_split, decode_image
+
+
+def _png(array: np.ndarray, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_decode_converts_channels_and_resizes():
+    rgb = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    gray = decode_image(_png(rgb), size=28, channels=1, max_bytes=10**6)
+    assert gray.shape == (1, 28, 28) and gray.dtype == np.uint8
+    color = decode_image(_png(rgb, "JPEG"), size=32, channels=3, max_bytes=10**6)
+    assert color.shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "empty file"),
+        (b"hello", "not an image"),
+        (_png(np.zeros((28, 28), np.uint8))[:60], "corrupt or truncated"),
+        (b"x" * 2000, "too large"),
+    ],
+)
+def test_decode_rejects_with_reason(data, reason):
+    with pytest.raises(BadInput, match=reason):
+        decode_image(data, size=28, channels=1, max_bytes=1000)
+
+
+def test_split_assignment_is_stable_and_proportional():
+    keys = [f"class/{i}.png" for i in range(5000)]
+    splits = [assign_split(k, 0.1, 0.2) for k in keys]
+    assert splits == [assign_split(k, 0.1, 0.2) for k in keys]
+    assert abs(splits.count("test") / 5000 - 0.2) < 0.03
+    assert abs(splits.count("val") / 5000 - 0.1) < 0.03
+
+
+def test_config_layers_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 7\n  lr: 0.01\noptions:\n  image_size: 64\n")
+    config = load_config("image", str(path), {"train.epochs": 2, "prepare.input": "/data"})
+    assert (config.train.epochs, config.train.lr, config.options["image_size"]) == (2, 0.01, 64)
+    with pytest.raises(ValueError):
+        load_config("image", None, {"train.epochs": 0})
+    with pytest.raises(ValueError):
+        load_config("image", None, {"train.no_such_field": 1})
+
+
+def test_workers_leave_a_cpu_for_data_on_small_machines():
+    assert cpus_per_worker(None, 2, 2.0) == 0.5
+    assert cpus_per_worker(None, 2, 16.0) == 1.0
+    assert cpus_per_worker(None, 4, 0.0) == 1.0  # autoscaling cluster with an empty head: ask for whole CPUs
+    assert cpus_per_worker(0.25, 2, 2.0) == 0.25
+
+
+def test_npz_listing_reads_medmnist_layout(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "tiny.npz"
+    np.savez(
+        path,
+        train_images=rng.integers(0, 255, (10, 28, 28), dtype=np.uint8),
+        train_labels=rng.integers(0, 3, (10, 1)),
+        test_images=rng.integers(0, 255, (4, 28, 28), dtype=np.uint8),
+        test_labels=np.array([[0], [1], [2], [2]]),
+    )
+    inputs = ImageWorkload().list_prepare_inputs(str(path), ImageOptions(class_names=["a", "b", "c"]), 0.1, 0.1, rows_per_block=4)
+    assert inputs.rows_in == 14
+    assert inputs.manifest["classes"] == ["a", "b", "c"]
+    assert inputs.items.column("split").to_pylist() == ["train", "train", "train", "test"]
+
+
+def test_cli_help_runs_without_ray():
+    out = subprocess.run([sys.executable, "-m", "ray_app", "image", "train", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    assert "--run-name" in out.stdout and "--num-workers" in out.stdout and "--image-size" in out.stdout
