@@ -26,12 +26,22 @@ def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_image_folders(
-    output: str, limit: int | None = None, size: int = 28, fmt: str = "png", repeat: int = 1, broken: bool = True, seed: int = 0
+    output: str,
+    limit: int | None = None,
+    size: int = 28,
+    fmt: str = "png",
+    repeat: int = 1,
+    broken: bool = True,
+    seed: int = 0,
+    noise: float = 0.0,
 ) -> dict[str, int]:
     """Write ``output/<digit>/<n>.<fmt>``; ``repeat`` > 1 cycles the digits (shifted by a pixel
-    or two, so repeats are not byte-identical) to reach benchmark-sized sets."""
+    or two, so repeats are not byte-identical) to reach benchmark-sized sets. ``noise`` adds
+    Gaussian sensor noise (std in grey levels): upscaled digits are otherwise almost blank and
+    compress far better than real scans, which would make decoding unrealistically cheap."""
     images, labels = load_mnist_5k()
-    order = np.random.default_rng(seed).permutation(len(images))
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(images))
     if limit:
         order = order[:limit]
     written = 0
@@ -43,6 +53,9 @@ def write_image_folders(
             img = Image.fromarray(image)
             if size != 28:
                 img = img.resize((size, size), Image.Resampling.BILINEAR)
+            if noise:
+                noisy = np.asarray(img, np.float32) + rng.normal(0, noise, (size, size))
+                img = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
             if fmt == "jpeg":
                 img = img.convert("RGB")
             img.save(
@@ -81,9 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=28, help="side in pixels (upscaled when > 28)")
     parser.add_argument("--format", dest="fmt", choices=["png", "jpeg"], default="png")
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--noise", type=float, default=0.0, help="Gaussian noise std (grey levels)")
     parser.add_argument("--no-broken", dest="broken", action="store_false")
     args = parser.parse_args(argv)
-    print(write_image_folders(args.output, args.limit, args.size, args.fmt, args.repeat, args.broken))
+    print(write_image_folders(args.output, args.limit, args.size, args.fmt, args.repeat, args.broken, noise=args.noise))
 
 
 if __name__ == "__main__":

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
-import torch
 from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    import torch
 
 # Every preparer and batch predictor emits these two columns so one Parquet write, partitioned by
 # status, splits good rows from rejects in a single streaming pass.
@@ -63,6 +65,8 @@ class Workload(ABC):
     training_columns: ClassVar[list[str]]
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        import torch
+
         return torch.nn.functional.cross_entropy(logits, targets)
 
     def correct(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -70,6 +74,8 @@ class Workload(ABC):
         return (logits.argmax(dim=1) == targets).sum()
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        import torch
+
         return torch.softmax(logits.float(), dim=1)
 
     # ---- predict / serve -----------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Image classification (e.g. medical scans): class-per-folder PNG/JPEG files or MedMNIST ``.npz``,
-a small ResNet written in torch, top-k labels over HTTP.
+decoded with Pillow; the model lives in ``image_model.py``. torch is imported lazily here so the
+Ray Data decode actors start without paying for it.
 """
 
 from __future__ import annotations
@@ -7,17 +8,18 @@ from __future__ import annotations
 import hashlib
 import io
 import zipfile
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
-import torch
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
-from torch import nn
 
 from ray_app import storage
 from ray_app.workloads.base import STATUS_OK, STATUS_REJECTED, BadInput, PrepareInputs, Workload
+
+if TYPE_CHECKING:
+    import torch
 
 NPZ_SPLITS = {"train": "train", "val": "val", "test": "test"}  # MedMNIST key prefixes -> our splits
 
@@ -173,58 +175,6 @@ class ImagePreparer:
         return pa.table(columns, schema=PREPARED_SCHEMA)
 
 
-class Normalize(nn.Module):
-    """uint8 pixels -> standardised floats. Inside the model, so training, batch inference and
-    serving cannot drift apart on preprocessing."""
-
-    def __init__(self, mean: list[float], std: list[float]) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() / 255.0 - self.mean) / self.std
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False),
-            nn.BatchNorm2d(c_out),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False),
-            nn.BatchNorm2d(c_out),
-        )
-        self.shortcut = (
-            nn.Identity()
-            if stride == 1 and c_in == c_out
-            else nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.body(x) + self.shortcut(x))
-
-
-class SmallResNet(nn.Module):
-    def __init__(self, channels: int, num_classes: int, width: int, image_size: int, mean: list[float], std: list[float]) -> None:
-        super().__init__()
-        # Large (e.g. 224×224 scans) inputs get a strided stem + pool, as in ResNet; tiny ones don't.
-        large = image_size >= 64
-        self.normalize = Normalize(mean, std)
-        self.stem = nn.Sequential(
-            nn.Conv2d(channels, width, 3 if not large else 7, 2 if large else 1, 1 if not large else 3, bias=False),
-            nn.BatchNorm2d(width),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(3, 2, 1) if large else nn.Identity(),
-        )
-        self.stages = nn.Sequential(BasicBlock(width, width, 1), BasicBlock(width, 2 * width, 2), BasicBlock(2 * width, 4 * width, 2))
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, num_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.stages(self.stem(self.normalize(x))))
-
-
 class ImageWorkload(Workload):
     name: ClassVar[str] = "image"
     Options: ClassVar[type[BaseModel]] = ImageOptions
@@ -284,7 +234,9 @@ class ImageWorkload(Workload):
 
     preparer_class: ClassVar[type] = ImagePreparer
 
-    def build_model(self, options: ImageOptions, manifest: dict[str, Any]) -> nn.Module:
+    def build_model(self, options: ImageOptions, manifest: dict[str, Any]) -> torch.nn.Module:
+        from ray_app.workloads.image_model import SmallResNet
+
         stats = manifest.get("pixel_stats", {})
         return SmallResNet(
             channels=options.channels,
@@ -296,6 +248,8 @@ class ImageWorkload(Workload):
         )
 
     def collate(self, batch: dict[str, np.ndarray], options: ImageOptions, manifest: dict[str, Any]):
+        import torch
+
         shape = manifest["shape"]
         images = np.frombuffer(b"".join(batch["image"]), dtype=np.uint8).reshape(len(batch["image"]), *shape)
         targets = torch.tensor(batch["label"], dtype=torch.long) if "label" in batch else None
@@ -326,4 +280,6 @@ class ImageWorkload(Workload):
         return decode_image(payload, options.image_size, options.channels, options.max_file_bytes)
 
     def stack_items(self, items: list[np.ndarray], options, manifest) -> torch.Tensor:
+        import torch
+
         return torch.from_numpy(np.stack(items))
