@@ -18,14 +18,14 @@ import time
 
 import numpy as np
 import psutil
-import pyarrow as pa
 import ray
 import torch
 
 from ray_app.bundle import load_bundle, save_bundle
 from ray_app.demo_data import write_image_folders
-from ray_app.engine.scoring import BatchPredictor
-from ray_app.workloads.image import ImageOptions, ImagePreparer, ImageWorkload, decode_image
+from ray_app.engine.predict import scored_dataset
+from ray_app.engine.prepare import prepared_dataset
+from ray_app.workloads.image import ImageOptions, ImageWorkload, decode_image
 
 BATCH = 256
 
@@ -83,23 +83,8 @@ def dataloader_throughput(paths: list[str], options: ImageOptions) -> dict[str, 
     return {"rows": rows, "seconds": end - started, "first_batch_s": first - started, "images_per_s": rows / (end - started)}
 
 
-def _blocks(paths: list[str], labels: list[int] | None = None) -> list[pa.Table]:
-    n = len(paths)
-    table = pa.table(
-        {"kind": ["file"] * n, "uri": paths, "label": labels or [0] * n, "split": ["train"] * n, "start": [0] * n, "stop": [0] * n}
-    )
-    return [table.slice(i, BATCH) for i in range(0, n, BATCH)]
-
-
-def ray_prepare_throughput(paths: list[str], options: ImageOptions) -> dict[str, float]:
-    started = time.perf_counter()
-    ds = ray.data.from_arrow(_blocks(paths)).map_batches(
-        ImagePreparer,
-        fn_constructor_kwargs={"options": options.model_dump(), "manifest": {}},
-        batch_size=BATCH,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=2),
-    )
+def consume(ds: ray.data.Dataset, started: float) -> dict[str, float]:
+    """Drain a dataset; steady state excludes everything up to the first batch (start-up)."""
     rows, first = 0, None
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         rows += batch.num_rows
@@ -113,6 +98,14 @@ def ray_prepare_throughput(paths: list[str], options: ImageOptions) -> dict[str,
         "images_per_s": rows / (end - started),
         "steady_images_per_s": steady,
     }
+
+
+def ray_prepare_throughput(folder: str, options: ImageOptions) -> dict[str, float]:
+    """The engine's own prepare step (listing + decode), drained instead of written."""
+    started = time.perf_counter()
+    workload = ImageWorkload()
+    inputs = workload.read_prepare_inputs(folder, options, 0.1, 0.1, rows_per_block=BATCH)
+    return consume(prepared_dataset(workload, inputs, options.model_dump(), concurrency=2), started)
 
 
 def inprocess_predict_throughput(paths: list[str], bundle_dir: str) -> dict[str, float]:
@@ -137,29 +130,11 @@ def inprocess_predict_throughput(paths: list[str], bundle_dir: str) -> dict[str,
     }
 
 
-def ray_predict_throughput(paths: list[str], bundle_dir: str) -> dict[str, float]:
+def ray_predict_throughput(folder: str, bundle_dir: str) -> dict[str, float]:
+    """The engine's own batch-predict step (listing + actor pool), drained instead of written."""
     started = time.perf_counter()
-    table = pa.table({"path": paths})
-    ds = ray.data.from_arrow([table.slice(i, BATCH) for i in range(0, len(paths), BATCH)]).map_batches(
-        BatchPredictor,
-        fn_constructor_kwargs={"bundle_uri": bundle_dir},
-        batch_size=BATCH,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=2),
-    )
-    rows, first = 0, None
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        rows += batch.num_rows
-        first = first or time.perf_counter()
-    end = time.perf_counter()
-    steady = (rows - BATCH) / (end - first) if rows > BATCH else float("nan")
-    return {
-        "rows": rows,
-        "seconds": end - started,
-        "first_batch_s": first - started,
-        "images_per_s": rows / (end - started),
-        "steady_images_per_s": steady,
-    }
+    items = ImageWorkload().read_predict_inputs(folder, ImageOptions(), BATCH)
+    return consume(scored_dataset(items, bundle_dir, use_gpu=False, top_k=3, batch_size=BATCH, concurrency=2), started)
 
 
 def make_bundle(folder: str, options: ImageOptions) -> str:
@@ -180,11 +155,11 @@ def run_case(name: str, folder: str, options: ImageOptions, work: str) -> dict:
     result = {"case": name, "images": len(paths)}
     result["dataloader_prepare"] = dataloader_throughput(paths, options)
     with PeakMemory() as memory:
-        result["ray_prepare"] = ray_prepare_throughput(paths, options)
+        result["ray_prepare"] = ray_prepare_throughput(folder, options)
     result["ray_prepare"]["peak_rss_mb"] = memory.peak / 2**20
     result["inprocess_predict"] = inprocess_predict_throughput(paths, bundle)
     with PeakMemory() as memory:
-        result["ray_predict"] = ray_predict_throughput(paths, bundle)
+        result["ray_predict"] = ray_predict_throughput(folder, bundle)
     result["ray_predict"]["peak_rss_mb"] = memory.peak / 2**20
     result["prepare_ratio"] = result["ray_prepare"]["images_per_s"] / result["dataloader_prepare"]["images_per_s"]
     result["prepare_ratio_steady"] = result["ray_prepare"]["steady_images_per_s"] / result["dataloader_prepare"]["images_per_s"]

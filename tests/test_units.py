@@ -35,7 +35,7 @@ def test_decode_converts_channels_and_resizes():
     [
         (b"", "empty file"),
         (b"hello", "not an image"),
-        (_png(np.zeros((28, 28), np.uint8))[:60], "corrupt or truncated"),
+        (_png(np.random.default_rng(1).integers(0, 255, (28, 28), dtype=np.uint8))[:400], "corrupt or truncated"),
         (b"x" * 2000, "too large"),
     ],
 )
@@ -70,7 +70,7 @@ def test_workers_leave_a_cpu_for_data_on_small_machines():
     assert cpus_per_worker(0.25, 2, 2.0) == 0.25
 
 
-def test_npz_listing_reads_medmnist_layout(tmp_path):
+def test_npz_listing_reads_medmnist_layout(ray_session, tmp_path):
     rng = np.random.default_rng(0)
     path = tmp_path / "tiny.npz"
     np.savez(
@@ -80,10 +80,10 @@ def test_npz_listing_reads_medmnist_layout(tmp_path):
         test_images=rng.integers(0, 255, (4, 28, 28), dtype=np.uint8),
         test_labels=np.array([[0], [1], [2], [2]]),
     )
-    inputs = ImageWorkload().list_prepare_inputs(str(path), ImageOptions(class_names=["a", "b", "c"]), 0.1, 0.1, rows_per_block=4)
+    inputs = ImageWorkload().read_prepare_inputs(str(path), ImageOptions(class_names=["a", "b", "c"]), 0.1, 0.1, rows_per_block=4)
     assert inputs.rows_in == 14
     assert inputs.manifest["classes"] == ["a", "b", "c"]
-    assert inputs.items.column("split").to_pylist() == ["train", "train", "train", "test"]
+    assert [row["split"] for row in inputs.dataset.take_all()] == ["train", "train", "train", "test"]
 
 
 def test_cli_help_runs_without_ray():

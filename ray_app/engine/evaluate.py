@@ -63,10 +63,13 @@ def run_evaluate(config: AppConfig) -> dict[str, Any]:
         raise ValueError("the test split is empty: prepare with --test-fraction > 0")
     report = classification_report(np.concatenate(labels), np.concatenate(probabilities), bundle_info["manifest"]["classes"])
     report["model"] = model_uri
+    options = workload.parse_options(bundle_info["options"])
+    report.update(workload.evaluation_extras(config.train_data_uri(), options, bundle_info["manifest"]))
     output = config.evaluation_uri()
     storage.write_json(storage.join(output, REPORT_FILE), report)
     storage.write_json(storage.join(output, "confusion_matrix.json"), {"classes": report["classes"], "matrix": report["confusion_matrix"]})
     storage.write_bytes(storage.join(output, "confusion_matrix.png"), plots.confusion_matrix(report["confusion_matrix"], report["classes"]))
     save_config(config, output, "evaluate")
     log.info("evaluate: accuracy %.4f on %d rows", report["accuracy"], report["rows"])
-    return {k: report[k] for k in ("rows", "accuracy", "macro_f1", "majority_class_accuracy", "model")} | {"output": output}
+    summary_keys = ("rows", "accuracy", "macro_f1", "majority_class_accuracy", "model", "baseline")
+    return {k: report[k] for k in summary_keys if k in report} | {"output": output}

@@ -23,6 +23,20 @@ from ray_app.workloads import get_workload
 log = logging.getLogger(__name__)
 
 
+def scored_dataset(
+    items: ray.data.Dataset, model_uri: str, use_gpu: bool, top_k: int, batch_size: int, concurrency: int
+) -> ray.data.Dataset:
+    """Work items -> predictions (+ rejects), lazily, through a pool of model-holding actors."""
+    return items.map_batches(
+        BatchPredictor,
+        fn_constructor_kwargs={"bundle_uri": model_uri, "use_gpu": use_gpu, "top_k": top_k},
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=concurrency),
+        num_gpus=1 if use_gpu else None,
+    )
+
+
 def run_predict(config: AppConfig) -> dict[str, Any]:
     p = config.predict
     if not p.input:
@@ -33,36 +47,27 @@ def run_predict(config: AppConfig) -> dict[str, Any]:
     output = config.predictions_uri()
     started = time.perf_counter()
 
-    items = workload.list_predict_inputs(p.input, options)
-    if items.num_rows == 0:
+    items = workload.read_predict_inputs(p.input, options, p.batch_size)
+    rows_in = items.count()
+    if rows_in == 0:
         raise ValueError(f"nothing to predict under {p.input}")
-    blocks = [items.slice(i, p.batch_size) for i in range(0, items.num_rows, p.batch_size)]
     storage.delete_dir(output)
-    (
-        ray.data.from_arrow(blocks)
-        .map_batches(
-            BatchPredictor,
-            fn_constructor_kwargs={"bundle_uri": model_uri, "use_gpu": p.use_gpu, "top_k": config.serve.top_k},
-            batch_size=p.batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=p.concurrency),
-            num_gpus=1 if p.use_gpu else None,
-        )
-        .write_parquet(output, partition_cols=["status"], mode=SaveMode.OVERWRITE)
+    scored_dataset(items, model_uri, p.use_gpu, config.serve.top_k, p.batch_size, p.concurrency).write_parquet(
+        output, partition_cols=["status"], mode=SaveMode.OVERWRITE
     )
     rows_ok, rows_rejected = count_rows(ok_uri(output)), count_rows(rejected_uri(output))
     summary = {
         "input": p.input,
         "output": output,
         "model": model_uri,
-        "rows_in": items.num_rows,
+        "rows_in": rows_in,
         "rows_ok": rows_ok,
         "rows_rejected": rows_rejected,
         "label_counts": _label_counts(output),
         "seconds": round(time.perf_counter() - started, 2),
     }
-    if rows_ok + rows_rejected != items.num_rows:
-        raise RuntimeError(f"row accounting broken: {items.num_rows} in, {rows_ok} ok + {rows_rejected} rejected")
+    if rows_ok + rows_rejected != rows_in:
+        raise RuntimeError(f"row accounting broken: {rows_in} in, {rows_ok} ok + {rows_rejected} rejected")
     storage.write_json(storage.join(output, "summary.json"), summary)
     save_config(config, output, "predict")
     log.info("predict: %s", summary)

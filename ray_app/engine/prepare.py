@@ -12,7 +12,6 @@ import logging
 import time
 from typing import Any
 
-import numpy as np
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import ray
@@ -21,7 +20,7 @@ from ray.data import SaveMode
 from ray_app import storage
 from ray_app.config import AppConfig, save_config
 from ray_app.workloads import get_workload
-from ray_app.workloads.base import STATUS_OK, STATUS_REJECTED
+from ray_app.workloads.base import STATUS_OK, STATUS_REJECTED, PrepareInputs, Workload
 
 log = logging.getLogger(__name__)
 
@@ -45,23 +44,28 @@ def count_rows(uri: str, filter_expr: Any = None) -> int:
     return pads.dataset(path, filesystem=fs, format="parquet").count_rows(filter=filter_expr)
 
 
-def pixel_statistics(prepared_uri: str) -> dict[str, list[float]] | None:
-    """Per-channel mean/std over the training split, from per-row moments written by prepare
-    (reads two small columns, not the images)."""
-    uri = ok_uri(prepared_uri)
-    if not storage.exists(uri):
-        return None
-    fs, path = storage.resolve(uri)
-    dataset = pads.dataset(path, filesystem=fs, format="parquet")
-    if "channel_mean" not in dataset.schema.names:
-        return None
-    table = dataset.to_table(columns=["channel_mean", "channel_sq_mean"], filter=pc.field("split") == "train")
-    if table.num_rows == 0:
-        return None
-    mean = np.stack(table["channel_mean"].to_numpy(zero_copy_only=False)).mean(axis=0)
-    sq_mean = np.stack(table["channel_sq_mean"].to_numpy(zero_copy_only=False)).mean(axis=0)
-    std = np.sqrt(np.maximum(sq_mean - mean**2, 1e-8))
-    return {"mean": mean.round(6).tolist(), "std": std.round(6).tolist()}
+def _prepare_in_task(batch: dict[str, Any], preparer_class: type, options: dict, manifest: dict) -> Any:
+    return preparer_class(options, manifest)(batch)
+
+
+def prepared_dataset(workload: Workload, inputs: PrepareInputs, options: dict[str, Any], concurrency: int) -> ray.data.Dataset:
+    """The decode/validate step as a lazy Ray Dataset: tasks for stateless preparers, an actor
+    pool (state built once per actor) otherwise."""
+    kwargs = {"options": options, "manifest": inputs.manifest}
+    if workload.preparer_is_stateless:
+        return inputs.dataset.map_batches(
+            _prepare_in_task,
+            fn_kwargs={"preparer_class": workload.preparer_class, **kwargs},
+            batch_size=inputs.batch_size,
+            batch_format="numpy",
+        )
+    return inputs.dataset.map_batches(
+        workload.preparer_class,
+        fn_constructor_kwargs=kwargs,
+        batch_size=inputs.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=concurrency),
+    )
 
 
 def run_prepare(config: AppConfig) -> dict[str, Any]:
@@ -72,36 +76,19 @@ def run_prepare(config: AppConfig) -> dict[str, Any]:
     output = config.prepared_uri()
     started = time.perf_counter()
 
-    inputs = workload.list_prepare_inputs(
+    inputs = workload.read_prepare_inputs(
         config.prepare.input, options, config.prepare.val_fraction, config.prepare.test_fraction, config.prepare.rows_per_block
     )
     if inputs.rows_in == 0:
         raise ValueError(f"no input found under {config.prepare.input}")
-    # One item per input row (files): batch rows_per_block items per task. Items that already
-    # stand for a chunk of rows (npz ranges): one item per task.
-    block_rows = config.prepare.rows_per_block if inputs.items.num_rows == inputs.rows_in else 1
-    blocks = [inputs.items.slice(i, block_rows) for i in range(0, inputs.items.num_rows, block_rows)]
-
+    mapped = prepared_dataset(workload, inputs, options.model_dump(), config.prepare.concurrency)
     storage.delete_dir(output)  # a re-run replaces, never appends to, earlier output
-    (
-        ray.data.from_arrow(blocks)
-        .map_batches(
-            workload.preparer_class,
-            fn_constructor_kwargs={"options": options.model_dump(), "manifest": inputs.manifest},
-            batch_size=block_rows,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.prepare.concurrency),
-        )
-        .write_parquet(output, partition_cols=["status"], mode=SaveMode.OVERWRITE)
-    )
+    mapped.write_parquet(output, partition_cols=["status"], mode=SaveMode.OVERWRITE)
 
     rows_ok = count_rows(ok_uri(output))
     rows_rejected = count_rows(rejected_uri(output))
     reasons = _reject_reasons(output)
-    manifest = {**inputs.manifest, "workload": config.workload, "options": options.model_dump()}
-    stats = pixel_statistics(output)
-    if stats:
-        manifest["pixel_stats"] = stats
+    manifest = workload.finalize_manifest(output, {**inputs.manifest, "workload": config.workload, "options": options.model_dump()})
     manifest["splits"] = {split: count_rows(ok_uri(output), pc.field("split") == split) for split in ("train", "val", "test")}
     summary = {
         "input": config.prepare.input,

@@ -4,6 +4,7 @@ registry alias/version, ``@serve.batch`` dynamic batching, autoscaling, JSON 4xx
 ``build_app(args)`` is the import path used by ``serve run`` / ``serve deploy`` config files.
 """
 
+import asyncio
 import logging
 from typing import Any
 
@@ -125,17 +126,16 @@ class ModelServer:
         b = self.bundle
         try:
             payload = await read_body(request, self.settings.max_body_bytes)
-            item = b.workload.decode_item(payload, b.options, b.manifest)
+            decoded = b.workload.decode_request(payload, b.options, b.manifest)
         except RequestError as exc:
             return error_response(exc.status_code, exc.message)
         except BadInput as exc:
             return error_response(422, str(exc))
-        probabilities = await self.predict_batch(item)
-        order = probabilities.argsort()[::-1][: self.top_k]
-        return {
-            "model": {"workload": self.settings.workload, "version": b.info.get("version")},
-            "predictions": [{"label": b.classes[i], "probability": round(float(probabilities[i]), 6)} for i in order],
-        }
+        # Each item joins the replica-wide batch on its own, so one request with many texts and
+        # many single-item requests share forward passes alike.
+        probabilities = await asyncio.gather(*(self.predict_batch(item) for item, _ in decoded))
+        answer = b.workload.format_response(list(probabilities), [extras for _, extras in decoded], b.classes, self.top_k)
+        return {"model": {"workload": self.settings.workload, "version": b.info.get("version")}, **answer}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def predict_batch(self, items: list[Any]) -> list[Any]:

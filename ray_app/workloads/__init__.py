@@ -6,7 +6,7 @@ import importlib
 
 from ray_app.workloads.base import Workload
 
-_WORKLOADS = {"image": "ray_app.workloads.image:ImageWorkload"}
+_WORKLOADS = {"image": "ray_app.workloads.image:ImageWorkload", "text": "ray_app.workloads.text:TextWorkload"}
 
 
 def names() -> list[str]:

@@ -13,6 +13,7 @@ import pyarrow as pa
 from pydantic import BaseModel
 
 if TYPE_CHECKING:
+    import ray.data
     import torch
 
 # Every preparer and batch predictor emits these two columns so one Parquet write, partitioned by
@@ -27,42 +28,57 @@ class BadInput(ValueError):
 
 @dataclass
 class PrepareInputs:
-    """What prepare fans out over Ray Data: a table of work items and the row count they expand to."""
+    """What prepare maps over: a dataset of work items, the rows they stand for, dataset facts."""
 
-    items: pa.Table
+    dataset: ray.data.Dataset
     rows_in: int
-    manifest: dict[str, Any]  # dataset facts saved next to the data (class names, shapes, ...)
+    manifest: dict[str, Any]  # saved next to the prepared data (class names, shapes, ...)
+    batch_size: int  # work items per preparer call
+
+
+def arrow_blocks(table: pa.Table, rows_per_block: int) -> ray.data.Dataset:
+    """A driver-side listing as a dataset of fixed-size blocks: one task or actor call per block,
+    instead of Ray's per-file read tasks (per-row overhead is what dominates on small inputs)."""
+    import ray.data
+
+    return ray.data.from_arrow([table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)] or [table])
 
 
 class Workload(ABC):
     name: ClassVar[str]
     Options: ClassVar[type[BaseModel]]
+    training_columns: ClassVar[list[str]]  # prepared columns the training loop reads
+    id_column: ClassVar[str] = "id"  # names the input in prediction output (e.g. "path")
+    # A class ``(options: dict, manifest: dict)`` whose instances map a numpy batch to a pa.Table of
+    # prepared columns + status + reject_reason. With expensive state (a tokenizer) it runs as a
+    # Ray Data actor pool, built once per actor; when cheap, as plain tasks, which reuse Ray's
+    # pre-started workers instead of paying for actor start-up.
+    preparer_class: ClassVar[type]
+    preparer_is_stateless: ClassVar[bool] = False
 
     def parse_options(self, options: dict[str, Any]) -> BaseModel:
         return self.Options.model_validate(options)
 
     # ---- prepare -------------------------------------------------------------------------
     @abstractmethod
-    def list_prepare_inputs(
+    def read_prepare_inputs(
         self, input_uri: str, options: BaseModel, val_fraction: float, test_fraction: float, rows_per_block: int
     ) -> PrepareInputs:
-        """Enumerate raw inputs cheaply in the driver (paths, row ranges), with their split."""
+        """Raw inputs as a dataset of work items (files listed cheaply in the driver, or a table read)."""
 
-    # A class ``(options: dict, manifest: dict)`` whose instances map a numpy batch to a pa.Table of
-    # prepared columns + status + reject_reason. Ray Data builds one per actor, so expensive state
-    # (decoders, tokenizers) loads once per actor, not per batch.
-    preparer_class: ClassVar[type]
+    def finalize_manifest(self, prepared_uri: str, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Add facts learned from the prepared data (e.g. normalisation statistics)."""
+        return manifest
 
     # ---- train ---------------------------------------------------------------------------
     @abstractmethod
-    def build_model(self, options: BaseModel, manifest: dict[str, Any]) -> torch.nn.Module:
-        """A fresh model; its forward takes what ``collate`` returns as inputs."""
+    def build_model(self, options: BaseModel, manifest: dict[str, Any], pretrained: bool = True) -> torch.nn.Module:
+        """A model whose forward takes what ``collate``/``stack_items`` return and gives logits.
+        ``pretrained=False`` skips loading base weights that a checkpoint will overwrite anyway."""
 
     @abstractmethod
     def collate(self, batch: dict[str, np.ndarray], options: BaseModel, manifest: dict[str, Any]) -> tuple[Any, torch.Tensor | None]:
         """Prepared rows -> (model inputs, targets or None)."""
-
-    training_columns: ClassVar[list[str]]
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         import torch
@@ -78,23 +94,33 @@ class Workload(ABC):
 
         return torch.softmax(logits.float(), dim=1)
 
-    # ---- predict / serve -----------------------------------------------------------------
-    id_column: ClassVar[str] = "id"  # names the input in prediction output (e.g. "path")
+    # ---- evaluate ------------------------------------------------------------------------
+    def evaluation_extras(self, prepared_uri: str, options: BaseModel, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Extra report entries computed in the same run, e.g. a baseline to beat."""
+        return {}
 
+    # ---- predict -------------------------------------------------------------------------
     @abstractmethod
-    def list_predict_inputs(self, input_uri: str, options: BaseModel) -> pa.Table:
+    def read_predict_inputs(self, input_uri: str, options: BaseModel, batch_size: int) -> ray.data.Dataset:
         """Work items for batch prediction (e.g. one row per file)."""
 
     @abstractmethod
     def load_predict_batch(
         self, batch: dict[str, np.ndarray], options: BaseModel, manifest: dict[str, Any]
     ) -> tuple[list[Any], list[str], list[str | None]]:
-        """Turn work items into (decoded items, ids, reject reasons — None where the item is good)."""
-
-    @abstractmethod
-    def decode_item(self, payload: Any, options: BaseModel, manifest: dict[str, Any]) -> Any:
-        """One raw input (file bytes, request body) -> one decoded item; raises BadInput."""
+        """Work items -> (decoded items, ids, reject reasons — None where the item is good)."""
 
     @abstractmethod
     def stack_items(self, items: list[Any], options: BaseModel, manifest: dict[str, Any]) -> Any:
         """Decoded items -> model inputs for one forward pass."""
+
+    # ---- serve ---------------------------------------------------------------------------
+    @abstractmethod
+    def decode_request(self, payload: bytes, options: BaseModel, manifest: dict[str, Any]) -> list[tuple[Any, dict[str, Any]]]:
+        """An HTTP body -> [(decoded item, per-item response extras)]; raises BadInput (-> 4xx)."""
+
+    @abstractmethod
+    def format_response(
+        self, probabilities: list[np.ndarray], extras: list[dict[str, Any]], classes: list[str], top_k: int
+    ) -> dict[str, Any]:
+        """Per-item class probabilities -> the JSON answer."""

