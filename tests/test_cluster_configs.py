@@ -287,7 +287,9 @@ def test_workload_requests_fit_cloud_worker_types_and_never_the_head(name):
     head = config["available_node_types"][config["head_node_type"]]["resources"]
     workers = launcher_worker_types(config)
     for what, request in workload_requests().items():
-        assert any(fits(request, res) for res, _ in workers.values()), f"{what} {request} fits no worker type"
+        # CPU-only work must not need a GPU node to run.
+        candidates = [res for res, _ in workers.values() if request.get("GPU") or not res.get("GPU")]
+        assert any(fits(request, res) for res in candidates), f"{what} {request} fits no suitable worker type"
         assert not fits(request, head), f"{what} would run on the head"
     # A 4-GPU DDP run packs onto one GPU node (NVLink/PCIe, no cross-node all-reduce).
     gpu_only = {n: (res, 1) for n, (res, _) in workers.items() if res.get("GPU")}
@@ -392,7 +394,8 @@ def test_workload_requests_fit_kuberay_groups(name):
     head = kuberay_group_resources(kuberay_cluster_spec(manifest)["headGroupSpec"])
     requests = workload_requests()
     for what, request in requests.items():
-        assert any(fits(request, res) for res, _ in workers.values()), f"{name}: {what} {request} fits no group"
+        candidates = [res for res, _ in workers.values() if request.get("GPU") or not res.get("GPU")]
+        assert any(fits(request, res) for res in candidates), f"{name}: {what} {request} fits no suitable group"
         assert not fits(request, head), f"{name}: {what} would run on the head"
 
 
@@ -436,7 +439,8 @@ def test_rayservice_serves_the_image_app_from_cluster_storage():
     assert {k: v for k, v in args.items() if k != "models"} == {k: v for k, v in local_app["args"].items() if k != "models"}
     # Replicas at full scale fit the CPU group.
     replica = {"CPU": args["num_cpus"], "GPU": args["num_gpus"]}
-    assert pack([replica] * args["max_replicas"], kuberay_worker_types(service))
+    groups = {n: g for n, g in kuberay_worker_types(service).items() if replica["GPU"] or not g[0]["GPU"]}
+    assert pack([replica] * args["max_replicas"], groups)
 
 
 # ---------------------------------------------------------------- image

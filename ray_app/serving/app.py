@@ -82,6 +82,7 @@ class ServeSettings(BaseModel):
     models: str = Field("./workspace/models", description="model registry URI")
     top_k: int = 3
     max_body_bytes: int = 10 * 1024 * 1024
+    max_items_per_request: int = Field(64, gt=0, description="e.g. texts in one request; more get a 422")
     max_batch_size: int = 32
     batch_wait_timeout_s: float = 0.005
     min_replicas: int = 1
@@ -127,6 +128,8 @@ class ModelServer:
         try:
             payload = await read_body(request, self.settings.max_body_bytes)
             decoded = b.workload.decode_request(payload, b.options, b.manifest)
+            if len(decoded) > self.settings.max_items_per_request:
+                raise BadInput(f"{len(decoded)} items in one request, at most {self.settings.max_items_per_request}")
         except RequestError as exc:
             return error_response(exc.status_code, exc.message)
         except BadInput as exc:

@@ -55,6 +55,8 @@ class Workload(ABC):
     # pre-started workers instead of paying for actor start-up.
     preparer_class: ClassVar[type]
     preparer_is_stateless: ClassVar[bool] = False
+    # Config defaults that suit this workload ({"train.lr": ...}); YAML and CLI still override them.
+    default_config: ClassVar[dict[str, Any]] = {}
 
     def parse_options(self, options: dict[str, Any]) -> BaseModel:
         return self.Options.model_validate(options)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 from functools import cache
@@ -61,7 +60,6 @@ class TextOptions(BaseModel):
     model_dir: str | None = Field(None, description="Hugging Face model folder or URI (default: packaged all-MiniLM-L6-v2)")
     weights_sha256: str | None = Field(None, description="expected SHA-256 of model.safetensors (checked before loading)")
     max_length: int = Field(128, gt=8, le=512, description="tokens per text; longer texts are truncated")
-    max_texts_per_request: int = Field(64, gt=0, description="HTTP requests with more texts get a 422")
     baseline_train_rows: int = Field(3000, ge=0, description="rows used to fit the frozen-embedding baseline in evaluate (0: skip)")
 
 
@@ -150,7 +148,7 @@ class TextPreparer:
             reason = None
             if not isinstance(text, str) or not text.strip():
                 reason = "missing or empty text"
-            elif label is None or (isinstance(label, float) and np.isnan(label)):
+            elif label is None or (isinstance(label, float) and np.isnan(label)) or str(label).strip() == "":
                 reason = "missing label"
             elif str(label) not in self.label_ids:
                 reason = f"unknown label {label!r}"
@@ -187,23 +185,34 @@ def read_table(uri: str) -> ray.data.Dataset:
 
 def transformer_classifier(model_dir: str | None, num_labels: int, pretrained: bool, weights_sha256: str | None = None):
     import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModel
 
     class TransformerClassifier(torch.nn.Module):
-        """Takes the collated dict; returns logits (the engine's model contract)."""
+        """Encoder + mean pooling over real tokens + a linear head. Mean pooling is how
+        sentence-embedding models such as all-MiniLM-L6-v2 were trained, so fine-tuning starts
+        from their best representation (the [CLS] pooler of a generic head is untrained there).
+        Takes the collated dict; returns logits (the engine's model contract)."""
 
         def __init__(self) -> None:
             super().__init__()
             folder = local_model_dir(model_dir)
-            config = AutoConfig.from_pretrained(folder, num_labels=num_labels, local_files_only=True)
+            config = AutoConfig.from_pretrained(folder, local_files_only=True)
             if pretrained:
                 verify_weights(folder, weights_sha256)
-                self.model = AutoModelForSequenceClassification.from_pretrained(folder, config=config, local_files_only=True)
+                self.encoder = AutoModel.from_pretrained(folder, config=config, local_files_only=True)
             else:  # weights come from our own checkpoint next
-                self.model = AutoModelForSequenceClassification.from_config(config)
+                self.encoder = AutoModel.from_config(config)
+            if getattr(self.encoder, "pooler", None) is not None:
+                # Unused by mean pooling; DDP also refuses parameters that never get gradients.
+                self.encoder.pooler = None
+            self.dropout = torch.nn.Dropout(0.1)
+            self.head = torch.nn.Linear(config.hidden_size, num_labels)
 
         def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-            return self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+            hidden = self.encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+            weights = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+            return self.head(self.dropout(pooled))
 
     return TransformerClassifier()
 
@@ -219,6 +228,8 @@ class TextWorkload(Workload):
     training_columns: ClassVar[list[str]] = ["input_ids", "label"]
     id_column: ClassVar[str] = "id"
     preparer_class: ClassVar[type] = TextPreparer
+    # Fine-tuning a pretrained Transformer wants a far smaller learning rate than a CNN from scratch.
+    default_config: ClassVar[dict[str, Any]] = {"train.lr": 1e-4, "train.batch_size": 16, "train.epochs": 2, "train.warmup_fraction": 0.1}
 
     def __init__(self) -> None:
         self._tokenizer = None  # per workload instance = per actor / replica
@@ -296,8 +307,6 @@ class TextWorkload(Workload):
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "body"
             raise BadInput(f"{where}: {first['msg']}") from None
-        if len(request.texts) > options.max_texts_per_request:
-            raise BadInput(f"texts: {len(request.texts)} items, at most {options.max_texts_per_request} per request")
         empty = [i for i, t in enumerate(request.texts) if not t.strip()]
         if empty:
             raise BadInput(f"texts.{empty[0]}: empty string")
@@ -320,7 +329,3 @@ class TextWorkload(Workload):
         from ray_app.workloads.text_baseline import frozen_embedding_baseline
 
         return {"baseline": frozen_embedding_baseline(prepared_uri, options, manifest)}
-
-
-def to_json_bytes(texts: list[str]) -> bytes:
-    return json.dumps({"texts": texts}).encode()

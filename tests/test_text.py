@@ -1,0 +1,155 @@
+"""NLP workload on real Rotten Tomatoes snippets: the CLI chain with resume, tokenizer-once-per-actor,
+batch predict, and the HTTP endpoint's validation."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+import requests
+from ray import serve
+
+from ray_app.cli import run_cli
+from ray_app.config import load_config
+from ray_app.demo_data import write_text_demo
+from ray_app.serving.app import run_serve
+from ray_app.workloads.text import TextPreparer, packaged_minilm_dir, verify_weights
+
+REVIEWS = 600
+FLAGS = ["--labels", "fresh", "rotten", "--max-length", "64"]
+
+
+@pytest.fixture(scope="module")
+def text_run(ray_session, tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("text")
+    csv = str(folder / "reviews.csv")
+    write_text_demo(csv, limit=REVIEWS)  # + 3 broken rows
+    common = ["--workspace", str(folder / "ws")]
+    prepared = run_cli(["text", "prepare", *common, "--input", csv, *FLAGS])
+    # Train one epoch, then ask for two under the same run name: the second call must resume.
+    first = run_cli(["text", "train", *common, "--run-name", "rt", "--epochs", "1", "--num-workers", "2"])
+    trained = run_cli(["text", "train", *common, "--run-name", "rt", "--epochs", "2", "--num-workers", "2"])
+    evaluated = run_cli(["text", "evaluate", *common, "--run-name", "rt"])
+    registered = run_cli(["text", "register", *common, "--run-name", "rt"])
+    return {
+        "csv": csv,
+        "common": common,
+        "prepared": prepared,
+        "first": first,
+        "trained": trained,
+        "evaluated": evaluated,
+        "registered": registered,
+    }
+
+
+def test_prepare_rejects_bad_rows_with_reasons(text_run):
+    prepared = text_run["prepared"]
+    assert prepared["rows_in"] == REVIEWS + 3
+    assert (prepared["rows_ok"], prepared["rows_rejected"]) == (REVIEWS, 3)
+    reasons = sorted(pq.read_table(prepared["rejects"]).column("reject_reason").to_pylist())
+    assert reasons == ["missing label", "missing or empty text", "unknown label 'plot'"]
+
+
+def test_fine_tuned_model_beats_majority_class_and_reports_the_baseline(text_run):
+    assert text_run["first"]["epochs_completed"] == 1
+    assert text_run["trained"]["resumed_at"] == [2]  # continued at epoch 2, not 1
+    evaluated = text_run["evaluated"]
+    assert evaluated["accuracy"] > evaluated["majority_class_accuracy"] + 0.05, evaluated
+    baseline = evaluated["baseline"]
+    assert baseline["train_rows"] > 0 and 0.5 < baseline["accuracy"] <= 1
+
+
+def test_tokenizer_loads_once_per_actor_not_per_batch(ray_session):
+    @ray.remote
+    class Counter:
+        def __init__(self) -> None:
+            self.loads = 0
+
+        def add(self) -> None:
+            self.loads += 1
+
+        def value(self) -> int:
+            return self.loads
+
+    counter = Counter.options(name="tokenizer_loads").remote()
+
+    class CountingPreparer(TextPreparer):
+        def load_tokenizer(self):
+            ray.get(ray.get_actor("tokenizer_loads").add.remote())
+            return super().load_tokenizer()
+
+    rows = [{"text": f"review number {i} was fine", "label": "fresh"} for i in range(400)]
+    manifest = {"classes": ["fresh", "rotten"], "split_fractions": [0.1, 0.1]}
+    out = (
+        ray.data.from_items(rows, override_num_blocks=20)
+        .map_batches(
+            CountingPreparer,
+            fn_constructor_kwargs={"options": {"max_length": 32}, "manifest": manifest},
+            batch_size=10,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=2),
+        )
+        .take_all()
+    )
+    assert len(out) == 400  # 40 batches ...
+    assert ray.get(counter.value.remote()) == 2  # ... but one tokenizer load per actor
+
+
+def test_batch_predict_classifies_every_row(text_run, tmp_path):
+    output = str(tmp_path / "predictions")
+    summary = run_cli(["text", "predict", *text_run["common"], "--input", text_run["csv"], "--output", output, "--model", "production"])
+    assert summary["rows_in"] == REVIEWS + 3
+    assert summary["rows_rejected"] == 1  # the empty text; labels are not needed to predict
+    ok = pq.read_table(os.path.join(output, "status=ok")).to_pylist()
+    assert len(ok) == summary["rows_ok"] and {r["label"] for r in ok} <= {"fresh", "rotten"}
+    assert all(0.5 <= r["probability"] <= 1 and r["id"] for r in ok)
+
+
+def test_weights_with_the_wrong_hash_are_refused():
+    with pytest.raises(ValueError, match="SHA-256"):
+        verify_weights(packaged_minilm_dir(), "0" * 64)
+
+
+@pytest.fixture(scope="module")
+def text_endpoint(text_run):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workspace = text_run["common"][1]
+    config = load_config(
+        "text", overrides={"workspace": workspace, "serve.port": port, "serve.max_replicas": 1, "serve.max_items_per_request": 8}
+    )
+    yield run_serve(config)["endpoint"]
+    serve.shutdown()
+
+
+def test_endpoint_labels_texts_and_flags_truncation(text_endpoint):
+    texts = ["A moving, beautifully acted film.", "Dull, lifeless and far too long. " * 40]
+    answer = requests.post(text_endpoint, json={"texts": texts}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    results = answer.json()["results"]
+    assert [r["truncated"] for r in results] == [False, True]
+    assert all(r["label"] in {"fresh", "rotten"} and 0.5 <= r["score"] <= 1 for r in results)
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"texts": []}, "texts"),
+        ({"texts": ["fine", ""]}, "texts.1: empty string"),
+        ({"texts": ["fine", 3]}, "texts.1"),
+        ({"texts": ["x"] * 9}, "at most 8"),
+        ({"text": ["wrong field"]}, "texts"),
+        ("not json at all", "body"),
+    ],
+)
+def test_bad_requests_get_422_and_the_replica_keeps_serving(text_endpoint, body, words):
+    data = body if isinstance(body, str) else json.dumps(body)
+    answer = requests.post(text_endpoint, data=data, headers={"Content-Type": "application/json"}, timeout=60)
+    assert answer.status_code == 422, answer.text
+    assert words in answer.json()["error"]["message"]
+    assert requests.post(text_endpoint, json={"texts": ["still serving"]}, timeout=60).status_code == 200
