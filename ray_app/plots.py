@@ -41,3 +41,16 @@ def confusion_matrix(matrix: list[list[int]], classes: list[str]) -> bytes:
             ax.text(j, i, str(value), ha="center", va="center", fontsize=7)
     fig.colorbar(image, ax=ax, fraction=0.046)
     return _png(fig)
+
+
+def calibration(buckets: list[dict[str, float]]) -> bytes:
+    fig = Figure(figsize=(4.5, 4.5))
+    ax = fig.subplots()
+    predicted = [b["predicted"] for b in buckets]
+    observed = [b["observed"] for b in buckets]
+    top = max(predicted + observed + [0.01]) * 1.05
+    ax.plot([0, top], [0, top], linestyle="--", color="grey", label="perfect")
+    ax.plot(predicted, observed, marker="o", label="model")
+    ax.set(xlabel="predicted click rate", ylabel="observed click rate", title="calibration", xlim=(0, top), ylim=(0, top))
+    ax.legend()
+    return _png(fig)

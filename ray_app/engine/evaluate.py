@@ -9,7 +9,7 @@ import numpy as np
 import ray
 from sklearn import metrics as skm
 
-from ray_app import plots, storage
+from ray_app import storage
 from ray_app.bundle import BUNDLE_FILE
 from ray_app.config import AppConfig, save_config
 from ray_app.engine.prepare import read_split
@@ -61,15 +61,19 @@ def run_evaluate(config: AppConfig) -> dict[str, Any]:
         probabilities.append(np.stack(batch["probabilities"]))
     if not labels:
         raise ValueError("the test split is empty: prepare with --test-fraction > 0")
-    report = classification_report(np.concatenate(labels), np.concatenate(probabilities), bundle_info["manifest"]["classes"])
+    report, figures = workload.evaluation_report(np.concatenate(labels), np.concatenate(probabilities), bundle_info["manifest"]["classes"])
     report["model"] = model_uri
     options = workload.parse_options(bundle_info["options"])
     report.update(workload.evaluation_extras(config.train_data_uri(), options, bundle_info["manifest"]))
     output = config.evaluation_uri()
     storage.write_json(storage.join(output, REPORT_FILE), report)
-    storage.write_json(storage.join(output, "confusion_matrix.json"), {"classes": report["classes"], "matrix": report["confusion_matrix"]})
-    storage.write_bytes(storage.join(output, "confusion_matrix.png"), plots.confusion_matrix(report["confusion_matrix"], report["classes"]))
+    if "confusion_matrix" in report:
+        storage.write_json(
+            storage.join(output, "confusion_matrix.json"), {"classes": report["classes"], "matrix": report["confusion_matrix"]}
+        )
+    for name, png in figures.items():
+        storage.write_bytes(storage.join(output, name), png)
     save_config(config, output, "evaluate")
     log.info("evaluate: accuracy %.4f on %d rows", report["accuracy"], report["rows"])
-    summary_keys = ("rows", "accuracy", "macro_f1", "majority_class_accuracy", "model", "baseline")
+    summary_keys = ("rows", "accuracy", "macro_f1", "majority_class_accuracy", "auc", "log_loss", "model", "baseline", "true_model")
     return {k: report[k] for k in summary_keys if k in report} | {"output": output}

@@ -34,7 +34,9 @@ def run_register(config: AppConfig) -> dict[str, Any]:
     metadata = {
         "run_name": config.train.run_name,
         "training_metrics": bundle_info["metrics"],
-        "evaluation": {k: evaluation[k] for k in ("accuracy", "macro_f1", "rows")} if evaluation else None,
+        "evaluation": {k: evaluation[k] for k in ("accuracy", "macro_f1", "auc", "log_loss", "rows", "baseline") if k in evaluation}
+        if evaluation
+        else None,
         "data": config.train_data_uri(),
         "data_fingerprint": data_fingerprint(config.train_data_uri()),
         "config": config.model_dump(mode="json"),

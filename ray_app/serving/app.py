@@ -10,13 +10,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import Field
 from ray import serve
 from ray.serve import Application
 
 from ray_app import storage
 from ray_app.bundle import load_bundle
-from ray_app.config import AppConfig
+from ray_app.config import AppConfig, ServeConfig
 from ray_app.engine.scoring import pick_device
 from ray_app.registry import resolve_model_uri
 from ray_app.workloads.base import BadInput
@@ -74,23 +74,12 @@ async def _multipart_file(request: Request, body: bytes) -> bytes:
     return await upload.read()
 
 
-class ServeSettings(BaseModel):
-    """Arguments of ``build_app``; the same keys work in a Serve config file's ``args``."""
+class ServeSettings(ServeConfig):
+    """Arguments of ``build_app``: the serve section of the config plus which workload and
+    registry; the same keys work in a Serve config file's ``args``."""
 
     workload: str = "image"
-    model: str = Field("production", description="registry alias or version, or a bundle URI")
     models: str = Field("./workspace/models", description="model registry URI")
-    top_k: int = 3
-    max_body_bytes: int = 10 * 1024 * 1024
-    max_items_per_request: int = Field(64, gt=0, description="e.g. texts in one request; more get a 422")
-    max_batch_size: int = 32
-    batch_wait_timeout_s: float = 0.005
-    min_replicas: int = 1
-    max_replicas: int = 2
-    target_ongoing_requests: float = 4
-    max_ongoing_requests: int = 64
-    num_cpus: float = 1
-    num_gpus: float = 0
 
 
 @serve.deployment
@@ -150,12 +139,18 @@ class ModelServer:
 def build_app(args: dict[str, Any]) -> Application:
     """Serve config entry point (``import_path: ray_app.serving.app:build_app``)."""
     s = ServeSettings.model_validate(args)
+    # Resolved here, in the process that reads the config, so replicas need not share its cwd.
+    s.models = storage.normalize(s.models)
     return ModelServer.options(
         name=f"{s.workload}-model",
         autoscaling_config={
             "min_replicas": s.min_replicas,
             "max_replicas": s.max_replicas,
             "target_ongoing_requests": s.target_ongoing_requests,
+            "upscale_delay_s": s.upscale_delay_s,
+            "downscale_delay_s": s.downscale_delay_s,
+            "look_back_period_s": s.look_back_period_s,
+            "metrics_interval_s": s.metrics_interval_s,
         },
         max_ongoing_requests=s.max_ongoing_requests,
         ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
@@ -163,8 +158,7 @@ def build_app(args: dict[str, Any]) -> Application:
 
 
 def settings_from_config(config: AppConfig) -> dict[str, Any]:
-    fields = set(ServeSettings.model_fields) - {"workload", "models"}
-    return {"workload": config.workload, "models": config.models_uri(), **config.serve.model_dump(include=fields)}
+    return {"workload": config.workload, "models": config.models_uri(), **config.serve.model_dump()}
 
 
 def run_serve(config: AppConfig) -> dict[str, Any]:

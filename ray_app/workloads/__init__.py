@@ -6,7 +6,11 @@ import importlib
 
 from ray_app.workloads.base import Workload
 
-_WORKLOADS = {"image": "ray_app.workloads.image:ImageWorkload", "text": "ray_app.workloads.text:TextWorkload"}
+_WORKLOADS = {
+    "image": "ray_app.workloads.image:ImageWorkload",
+    "text": "ray_app.workloads.text:TextWorkload",
+    "ctr": "ray_app.workloads.ctr:CTRWorkload",
+}
 
 
 def names() -> list[str]:

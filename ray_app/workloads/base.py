@@ -97,6 +97,16 @@ class Workload(ABC):
         return torch.softmax(logits.float(), dim=1)
 
     # ---- evaluate ------------------------------------------------------------------------
+    def evaluation_report(
+        self, labels: np.ndarray, probabilities: np.ndarray, classes: list[str]
+    ) -> tuple[dict[str, Any], dict[str, bytes]]:
+        """Metrics for the held-out split, and plots by file name (default: classification)."""
+        from ray_app.engine.evaluate import classification_report
+        from ray_app.plots import confusion_matrix
+
+        report = classification_report(labels, probabilities, classes)
+        return report, {"confusion_matrix.png": confusion_matrix(report["confusion_matrix"], classes)}
+
     def evaluation_extras(self, prepared_uri: str, options: BaseModel, manifest: dict[str, Any]) -> dict[str, Any]:
         """Extra report entries computed in the same run, e.g. a baseline to beat."""
         return {}

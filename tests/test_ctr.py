@@ -1,0 +1,197 @@
+"""Click prediction on real MovieLens-100K clicks and the synthetic Criteo generator: transform
+parity between training and serving, the CLI chain against the per-item baseline, and the
+scale-to-zero endpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import time
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import requests
+from ray import serve
+
+from ray_app.cli import run_cli
+from ray_app.config import load_config
+from ray_app.serving.app import run_serve
+from ray_app.workloads.ctr import CTRWorkload
+from ray_app.workloads.ctr_data import CATEGORICAL, MOVIELENS_OPTIONS, NUMERIC, generate_criteo, movielens_clicks
+
+ROWS = 30000
+
+
+def _option_flags() -> list[str]:
+    o = MOVIELENS_OPTIONS
+    return ["--numeric-columns", *o["numeric_columns"], "--categorical-columns", *o["categorical_columns"],
+            "--item-column", o["item_column"], "--time-column", o["time_column"], "--id-column", o["id_column"]]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ctr_run(ray_session, tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("ctr")
+    frame = movielens_clicks(ROWS)
+    broken = frame.iloc[:3].copy()
+    broken["event_id"] = ["bad-label", "bad-age", "bad-nan"]
+    broken["click"] = [None, 1, 0]
+    broken["age"] = broken["age"].astype(object)
+    broken.loc[broken.index[1], "age"] = "old"
+    broken.loc[broken.index[2], "age"] = float("nan")
+    table = pa.Table.from_pandas(
+        pd.concat([frame.astype({"age": object}), broken]).astype({"age": str, "click": "Int64"}), preserve_index=False
+    )
+    path = str(folder / "clicks.parquet")
+    pq.write_table(table, path)
+    common = ["--workspace", str(folder / "ws")]
+    prepared = run_cli(["ctr", "prepare", *common, "--input", path, *_option_flags()])
+    trained = run_cli(["ctr", "train", *common, "--run-name", "ml", "--num-workers", "2"])
+    evaluated = run_cli(["ctr", "evaluate", *common, "--run-name", "ml"])
+    registered = run_cli(["ctr", "register", *common, "--run-name", "ml"])
+    return {
+        "path": path,
+        "frame": frame,
+        "common": common,
+        "prepared": prepared,
+        "trained": trained,
+        "evaluated": evaluated,
+        "registered": registered,
+    }
+
+
+def test_prepare_rejects_malformed_rows_and_splits_by_time(ctr_run):
+    prepared = ctr_run["prepared"]
+    assert prepared["rows_in"] == ROWS + 3
+    assert prepared["rows_ok"] + prepared["rows_rejected"] == prepared["rows_in"]
+    rejects = {r["id"]: r["reject_reason"] for r in pq.read_table(prepared["rejects"]).to_pylist()}
+    assert rejects["bad-label"] == "missing label"
+    assert rejects["bad-age"].startswith("age: not a finite number")
+    assert rejects["bad-nan"].startswith("age:")
+    ok = pq.read_table(os.path.join(prepared["output"], "status=ok")).to_pandas()
+    times = ctr_run["frame"].set_index("event_id")["timestamp"]
+    ok["timestamp"] = ok["id"].map(times)
+    # No leakage from the future: every training event precedes every test event.
+    assert ok.loc[ok.split == "train", "timestamp"].max() <= ok.loc[ok.split == "test", "timestamp"].min()
+
+
+def test_served_transform_equals_training_transform(ctr_run):
+    """The features the endpoint computes for an event are the ones training saw for it."""
+    prepared = ctr_run["prepared"]
+    manifest = json.load(open(os.path.join(prepared["output"], "manifest.json")))
+    ok = pq.read_table(os.path.join(prepared["output"], "status=ok")).to_pandas().set_index("id")
+    sample = ctr_run["frame"].sample(50, random_state=0)
+    workload = CTRWorkload()
+    options = workload.parse_options(MOVIELENS_OPTIONS)
+    events = sample.drop(columns=["click"]).to_dict("records")
+    decoded = workload.decode_request(json.dumps({"events": events}).encode(), options, manifest)
+    for event, ((categorical, numeric), _) in zip(events, decoded, strict=True):
+        row = ok.loc[event["event_id"]]
+        np.testing.assert_array_equal(categorical, row["categorical"])
+        np.testing.assert_array_equal(numeric, row["numeric"])
+
+
+def test_model_beats_per_item_baseline(ctr_run):
+    evaluated = ctr_run["evaluated"]
+    assert evaluated["auc"] > evaluated["baseline"]["auc"], evaluated
+    assert evaluated["auc"] > 0.6
+    report_dir = evaluated["output"]
+    assert os.path.getsize(os.path.join(report_dir, "calibration.png")) > 0
+    report = json.load(open(os.path.join(report_dir, "report.json")))
+    assert sum(b["rows"] for b in report["calibration"]) == report["rows"]
+
+
+def test_generator_has_criteo_schema_and_known_auc(ray_session, tmp_path):
+    first = generate_criteo(str(tmp_path / "a"), rows=20_000, seed=3, rows_per_block=5_000)
+    generate_criteo(str(tmp_path / "b"), rows=20_000, seed=3, rows_per_block=5_000)
+    a = pq.read_table(first["output"]).to_pandas().sort_values("timestamp").reset_index(drop=True)
+    b = pq.read_table(str(tmp_path / "b")).to_pandas().sort_values("timestamp").reset_index(drop=True)
+    assert len(a) == 20_000
+    assert set(a.columns) == {"event_id", "timestamp", "click", "true_probability", *NUMERIC, *CATEGORICAL}
+    assert all(pd.api.types.is_float_dtype(a[c]) for c in NUMERIC) and all(a[c].map(type).eq(str).all() for c in CATEGORICAL)
+    pd.testing.assert_frame_equal(a, b)  # same seed, same data
+    from sklearn.metrics import roc_auc_score
+
+    true_auc = roc_auc_score(a["click"], a["true_probability"])
+    assert 0.7 < true_auc < 0.9
+    assert abs(a["click"].mean() - a["true_probability"].mean()) < 0.02
+
+
+@pytest.fixture(scope="module")
+def ctr_endpoint(ctr_run):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = load_config(
+        "ctr",
+        overrides={
+            "workspace": ctr_run["common"][1],
+            "serve.port": port,
+            "serve.min_replicas": 0,
+            "serve.max_replicas": 2,
+            "serve.downscale_delay_s": 2,
+        },
+    )
+    yield run_serve(config)["endpoint"]
+    serve.shutdown()
+
+
+def _running_replicas() -> int:
+    deployment = serve.status().applications["ctr"].deployments["ctr-model"]
+    return sum(n for state, n in deployment.replica_states.items() if str(state).endswith("RUNNING"))
+
+
+def _wait_for_replicas(count: int, timeout: float = 90) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if _running_replicas() == count:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_endpoint_scales_from_zero_answers_and_returns_to_zero(ctr_endpoint, ctr_run):
+    assert _wait_for_replicas(0), "no replica should run while idle"
+    event = ctr_run["frame"].drop(columns=["click"]).iloc[10].to_dict()
+    answer = requests.post(ctr_endpoint, json=event, timeout=120)
+    assert answer.status_code == 200, answer.text
+    (probability,) = answer.json()["click_probability"]
+    assert 0 < probability < 1
+    assert _running_replicas() >= 1
+    assert _wait_for_replicas(0), "replicas should go back to zero after the idle delay"
+
+
+def test_events_in_a_list_and_unknown_categories(ctr_endpoint, ctr_run):
+    events = ctr_run["frame"].drop(columns=["click"]).iloc[:3].to_dict("records")
+    events[0]["item_id"] = "never-seen-item"  # hashed into a bucket like any other value
+    answer = requests.post(ctr_endpoint, json={"events": events}, timeout=120)
+    assert answer.status_code == 200 and len(answer.json()["click_probability"]) == 3
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"age": None}, "age"),
+        ({"age": "old"}, "age"),
+        ({"release_year": math.inf}, "release_year"),
+        ({"genre": 3.5}, "genre"),
+    ],
+)
+def test_bad_events_get_422_naming_the_field(ctr_endpoint, ctr_run, change, words):
+    event = {**ctr_run["frame"].drop(columns=["click"]).iloc[5].to_dict(), **change}
+    if change.get("age", 0) is None:
+        del event["age"]
+    answer = requests.post(ctr_endpoint, data=json.dumps(event), headers={"Content-Type": "application/json"}, timeout=120)
+    assert answer.status_code == 422, answer.text
+    assert words in answer.json()["error"]["message"]
+
+
+def test_nan_literal_is_rejected(ctr_endpoint, ctr_run):
+    event = ctr_run["frame"].drop(columns=["click"]).iloc[5].to_dict()
+    body = json.dumps(event).replace(f'"age": {event["age"]}', '"age": NaN')
+    answer = requests.post(ctr_endpoint, data=body, headers={"Content-Type": "application/json"}, timeout=120)
+    assert answer.status_code == 422 and "age" in answer.json()["error"]["message"]
