@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ from ray_app.engine.prepare import run_prepare  # noqa: E402
 from ray_app.engine.register import run_register  # noqa: E402
 from ray_app.engine.train import run_train  # noqa: E402
 from ray_app.registry import resolve_model_uri  # noqa: E402
-from ray_app.serving.app import run_serve  # noqa: E402
+from ray_app.serving.app import run_serve, unused_loopback_port  # noqa: E402
 from ray_app.workloads.ctr_data import CRITEO_OPTIONS, generate_block, generate_criteo  # noqa: E402
 
 
@@ -60,9 +59,7 @@ def main() -> None:
     generate_criteo(os.path.join(work, "synthetic"), args.rows, seed=0)
     results["generate_rows_per_s"] = args.rows / (time.perf_counter() - started)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = unused_loopback_port()
     config = load_config(
         "ctr",
         overrides={

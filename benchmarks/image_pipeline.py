@@ -27,7 +27,8 @@ from ray_app.engine.predict import scored_dataset
 from ray_app.engine.prepare import prepared_dataset
 from ray_app.workloads.image import ImageOptions, ImageWorkload, decode_image
 
-BATCH = 256
+PREPARE_BATCH = 1024  # rows per block: the engine's prepare default
+BATCH = 256  # rows per predict batch: the engine's predict default
 
 
 class PeakMemory:
@@ -72,7 +73,7 @@ class FileDataset(torch.utils.data.Dataset):
 
 
 def dataloader_throughput(paths: list[str], options: ImageOptions) -> dict[str, float]:
-    loader = torch.utils.data.DataLoader(FileDataset(paths, options), batch_size=BATCH, num_workers=2)
+    loader = torch.utils.data.DataLoader(FileDataset(paths, options), batch_size=PREPARE_BATCH, num_workers=2)
     started = time.perf_counter()
     first = None
     rows = 0
@@ -85,12 +86,13 @@ def dataloader_throughput(paths: list[str], options: ImageOptions) -> dict[str, 
 
 def consume(ds: ray.data.Dataset, started: float) -> dict[str, float]:
     """Drain a dataset; steady state excludes everything up to the first batch (start-up)."""
-    rows, first = 0, None
+    rows, first, first_rows = 0, None, 0
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         rows += batch.num_rows
-        first = first or time.perf_counter()
+        if first is None:
+            first, first_rows = time.perf_counter(), batch.num_rows
     end = time.perf_counter()
-    steady = (rows - BATCH) / (end - first) if rows > BATCH else float("nan")
+    steady = (rows - first_rows) / (end - first) if rows > first_rows else float("nan")
     return {
         "rows": rows,
         "seconds": end - started,
@@ -104,7 +106,7 @@ def ray_prepare_throughput(folder: str, options: ImageOptions) -> dict[str, floa
     """The engine's own prepare step (listing + decode), drained instead of written."""
     started = time.perf_counter()
     workload = ImageWorkload()
-    inputs = workload.read_prepare_inputs(folder, options, 0.1, 0.1, rows_per_block=BATCH)
+    inputs = workload.read_prepare_inputs(folder, options, 0.1, 0.1, rows_per_block=PREPARE_BATCH)
     return consume(prepared_dataset(workload, inputs, options.model_dump(), concurrency=2), started)
 
 

@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ from load import closed_loop  # noqa: E402
 from ray_app.bundle import save_bundle  # noqa: E402
 from ray_app.demo_data import write_text_demo  # noqa: E402
 from ray_app.engine.prepare import prepared_dataset  # noqa: E402
-from ray_app.serving.app import build_app  # noqa: E402
+from ray_app.serving.app import build_app, unused_loopback_port  # noqa: E402
 from ray_app.workloads.text import TextOptions, TextWorkload, load_tokenizer, tokenize  # noqa: E402
 
 BATCH = 256
@@ -67,9 +66,7 @@ def ray_tokenize(csv: str, options: TextOptions) -> dict[str, float]:
 
 
 def serving(bundle: str, texts: list[str], batch_size: int, seconds: float, concurrency: int) -> dict[str, float]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = unused_loopback_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"workload": "text", "model": bundle, "models": bundle, "max_batch_size": batch_size, "min_replicas": 1, "max_replicas": 1}
     serve.run(build_app(args), name="text", route_prefix="/text")

@@ -21,7 +21,8 @@ class PrepareConfig(_Section):
     output: str | None = Field(None, description="prepared Parquet URI (default: <workspace>/<workload>/prepared)")
     val_fraction: float = Field(0.1, ge=0, lt=1, description="share of rows for validation")
     test_fraction: float = Field(0.1, ge=0, lt=1, description="share of rows held out for evaluate")
-    rows_per_block: int = Field(256, gt=0, description="rows decoded per Ray Data task batch")
+    # Measured: 1024 rows per call ran 1.5x faster in steady state than 256 (224×224 PNG, 2 cores).
+    rows_per_block: int = Field(1024, gt=0, description="rows decoded per preparer call (one Ray Data batch)")
     concurrency: int = Field(2, gt=0, description="parallel prepare actors")
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import ray
@@ -42,11 +41,3 @@ def trained_workspace(ray_session, demo_images, tmp_path_factory) -> dict:
     evaluated = run_cli(["image", "evaluate", *common, "--run-name", "chain"])
     registered = run_cli(["image", "register", *common, "--run-name", "chain", "--alias", "production"])
     return {"workspace": workspace, "prepared": prepared, "trained": trained, "evaluated": evaluated, "registered": registered}
-
-
-@pytest.fixture
-def free_port() -> int:
-    """A loopback port nothing listens on right now (tests never assume a fixed port is free)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import time
 
 import numpy as np
@@ -20,7 +19,7 @@ from ray import serve
 
 from ray_app.cli import run_cli
 from ray_app.config import load_config
-from ray_app.serving.app import run_serve
+from ray_app.serving.app import run_serve, unused_loopback_port
 from ray_app.workloads.ctr import CTRWorkload
 from ray_app.workloads.ctr_data import CATEGORICAL, MOVIELENS_OPTIONS, NUMERIC, generate_criteo, movielens_clicks
 
@@ -123,9 +122,7 @@ def test_generator_has_criteo_schema_and_known_auc(ray_session, tmp_path):
 
 @pytest.fixture(scope="module")
 def ctr_endpoint(ctr_run):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = unused_loopback_port()
     config = load_config(
         "ctr",
         overrides={

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 
 import pytest
 import requests
@@ -12,14 +11,12 @@ from PIL import Image
 from ray import serve
 
 from ray_app.config import load_config
-from ray_app.serving.app import run_serve
+from ray_app.serving.app import run_serve, unused_loopback_port
 
 
 @pytest.fixture(scope="module")
 def endpoint(trained_workspace):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = unused_loopback_port()
     config = load_config(
         "image",
         overrides={

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pyarrow.parquet as pq
 import pytest
@@ -16,7 +15,7 @@ from ray import serve
 from ray_app.cli import run_cli
 from ray_app.config import load_config
 from ray_app.demo_data import write_text_demo
-from ray_app.serving.app import run_serve
+from ray_app.serving.app import run_serve, unused_loopback_port
 from ray_app.workloads.text import TextPreparer, packaged_minilm_dir, verify_weights
 
 REVIEWS = 600
@@ -116,9 +115,7 @@ def test_weights_with_the_wrong_hash_are_refused():
 
 @pytest.fixture(scope="module")
 def text_endpoint(text_run):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = unused_loopback_port()
     workspace = text_run["common"][1]
     config = load_config(
         "text", overrides={"workspace": workspace, "serve.port": port, "serve.max_replicas": 1, "serve.max_items_per_request": 8}

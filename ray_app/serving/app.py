@@ -6,6 +6,7 @@ registry alias/version, ``@serve.batch`` dynamic batching, autoscaling, JSON 4xx
 
 import asyncio
 import logging
+import socket
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -159,6 +160,13 @@ def build_app(args: dict[str, Any]) -> Application:
 
 def settings_from_config(config: AppConfig) -> dict[str, Any]:
     return {"workload": config.workload, "models": config.models_uri(), **config.serve.model_dump()}
+
+
+def unused_loopback_port() -> int:
+    """A 127.0.0.1 port nothing listens on now (tests and benchmarks never assume a fixed port)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def run_serve(config: AppConfig) -> dict[str, Any]:

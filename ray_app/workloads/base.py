@@ -50,11 +50,9 @@ class Workload(ABC):
     training_columns: ClassVar[list[str]]  # prepared columns the training loop reads
     id_column: ClassVar[str] = "id"  # names the input in prediction output (e.g. "path")
     # A class ``(options: dict, manifest: dict)`` whose instances map a numpy batch to a pa.Table of
-    # prepared columns + status + reject_reason. With expensive state (a tokenizer) it runs as a
-    # Ray Data actor pool, built once per actor; when cheap, as plain tasks, which reuse Ray's
-    # pre-started workers instead of paying for actor start-up.
+    # prepared columns + status + reject_reason. It runs as a Ray Data actor pool, built once per
+    # actor, so expensive state (a tokenizer) loads once, not per batch.
     preparer_class: ClassVar[type]
-    preparer_is_stateless: ClassVar[bool] = False
     # Config defaults that suit this workload ({"train.lr": ...}); YAML and CLI still override them.
     default_config: ClassVar[dict[str, Any]] = {}
 

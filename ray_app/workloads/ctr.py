@@ -220,7 +220,6 @@ class CTRWorkload(Workload):
     training_columns: ClassVar[list[str]] = ["categorical", "numeric", "label"]
     id_column: ClassVar[str] = "id"
     preparer_class: ClassVar[type] = CTRPreparer
-    preparer_is_stateless: ClassVar[bool] = True
     default_config: ClassVar[dict[str, Any]] = {
         # Sparse id embeddings overfit fast: strong decoupled weight decay, few epochs.
         "train.lr": 5e-3,

@@ -251,7 +251,6 @@ class ImageWorkload(Workload):
         return {"classes": classes, "shape": [options.channels, options.image_size, options.image_size]}
 
     preparer_class: ClassVar[type] = ImagePreparer
-    preparer_is_stateless: ClassVar[bool] = True
 
     def finalize_manifest(self, prepared_uri: str, manifest: dict[str, Any]) -> dict[str, Any]:
         stats = pixel_statistics(prepared_uri, manifest["shape"])
