@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from ray_app.config import load_config
 from ray_app.engine.train import cpus_per_worker
+from ray_app.serving.app import ServeSettings
+from ray_app.workloads import names
 from ray_app.workloads.base import BadInput
 from ray_app.workloads.image import ImageOptions, ImageWorkload, assign_split, decode_image
 
@@ -90,3 +94,14 @@ def test_cli_help_runs_without_ray():
     out = subprocess.run([sys.executable, "-m", "ray_app", "image", "train", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
     assert "--run-name" in out.stdout and "--num-workers" in out.stdout and "--image-size" in out.stdout
+
+
+@pytest.mark.parametrize("name", ["image", "text", "ctr"])
+def test_serve_configs_name_real_settings_and_workloads(name):
+    path = os.path.join(os.path.dirname(__file__), "..", "cluster", "serve", f"{name}.yaml")
+    config = yaml.safe_load(open(path))
+    assert config["http_options"]["host"] == "127.0.0.1"
+    (app,) = config["applications"]
+    assert app["import_path"] == "ray_app.serving.app:build_app" and app["route_prefix"] == f"/{name}"
+    settings = ServeSettings.model_validate(app["args"])  # unknown or mistyped keys fail here
+    assert settings.workload == name and name in names()
