@@ -16,8 +16,8 @@ from ray_app.config import load_config
 from ray_app.engine.train import cpus_per_worker
 from ray_app.serving.app import ServeSettings
 from ray_app.workloads import names
-from ray_app.workloads.base import BadInput
-from ray_app.workloads.image import ImageOptions, ImageWorkload, assign_split, decode_image
+from ray_app.workloads.base import BadInput, assign_split
+from ray_app.workloads.image import ImageOptions, ImageWorkload, decode_image
 
 
 def _png(array: np.ndarray, fmt: str = "PNG") -> bytes:

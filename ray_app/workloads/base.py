@@ -4,6 +4,8 @@ predict, serve) is written once against it; a new workload is one new file imple
 
 from __future__ import annotations
 
+import hashlib
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -11,6 +13,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel
+
+from ray_app import storage
 
 if TYPE_CHECKING:
     import ray.data
@@ -42,6 +46,33 @@ def arrow_blocks(table: pa.Table, rows_per_block: int) -> ray.data.Dataset:
     import ray.data
 
     return ray.data.from_arrow([table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)] or [table])
+
+
+def assign_split(key: str, val_fraction: float, test_fraction: float) -> str:
+    """Stable split from a hash of the item's key: the same file lands in the same split on every
+    run and machine, so evaluation never sees training rows."""
+    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") / 2**64
+    if h < test_fraction:
+        return "test"
+    if h < test_fraction + val_fraction:
+        return "val"
+    return "train"
+
+
+def read_table(uri: str) -> ray.data.Dataset:
+    """CSV, Parquet or JSON Lines (file or folder), chosen by extension."""
+    import ray.data
+
+    uri = storage.normalize(uri)
+    names = [info.path for info in storage.list_files(uri)]
+    extensions = {os.path.splitext(n.removesuffix(".gz").removesuffix(".bz2"))[1].lower() for n in names}
+    if extensions <= {".parquet"}:
+        return ray.data.read_parquet(uri)
+    if extensions <= {".csv"}:
+        return ray.data.read_csv(uri)
+    if extensions <= {".jsonl", ".json"}:
+        return ray.data.read_json(uri, lines=True)
+    raise ValueError(f"{uri}: expected .csv, .parquet or .jsonl files, found {sorted(extensions)}")
 
 
 class Workload(ABC):

@@ -17,9 +17,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic.types import StrictFloat, StrictInt, StrictStr
 
-from ray_app.workloads.base import STATUS_OK, STATUS_REJECTED, BadInput, PrepareInputs, Workload
-from ray_app.workloads.image import assign_split
-from ray_app.workloads.text import read_table
+from ray_app.workloads.base import STATUS_OK, STATUS_REJECTED, BadInput, PrepareInputs, Workload, assign_split, read_table
 
 if TYPE_CHECKING:
     import ray.data

@@ -5,7 +5,6 @@ Ray Data decode actors start without paying for it.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import zipfile
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -16,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
 from ray_app import storage
-from ray_app.workloads.base import STATUS_OK, STATUS_REJECTED, BadInput, PrepareInputs, Workload, arrow_blocks
+from ray_app.workloads.base import STATUS_OK, STATUS_REJECTED, BadInput, PrepareInputs, Workload, arrow_blocks, assign_split
 
 if TYPE_CHECKING:
     import torch
@@ -41,17 +40,6 @@ class ImageOptions(BaseModel):
     class_names: list[str] | None = Field(None, description="names for .npz integer labels")
     max_file_bytes: int = Field(32 * 1024 * 1024, gt=0, description="larger files are rejected")
     width: int = Field(16, gt=0, description="channels of the first ResNet stage (doubles twice)")
-
-
-def assign_split(key: str, val_fraction: float, test_fraction: float) -> str:
-    """Stable split from a hash of the item's key: the same file lands in the same split on every
-    run and machine, so evaluation never sees training rows."""
-    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") / 2**64
-    if h < test_fraction:
-        return "test"
-    if h < test_fraction + val_fraction:
-        return "val"
-    return "train"
 
 
 def _to_chw(img: Image.Image, size: int, channels: int) -> np.ndarray:
@@ -281,9 +269,11 @@ class ImageWorkload(Workload):
         input_uri = storage.normalize(input_uri)
         return arrow_blocks(pa.table({"path": [file_uri(input_uri, f.path) for f in storage.list_files(input_uri)]}), batch_size)
 
+    def __init__(self) -> None:
+        self._reader = _FileReader()  # per workload instance = per predict actor
+
     def load_predict_batch(self, batch, options: ImageOptions, manifest):
-        reader = getattr(self, "_reader", None) or _FileReader()
-        self._reader = reader
+        reader = self._reader
         items, ids, reasons = [], [], []
         for path in batch["path"]:
             ids.append(path)

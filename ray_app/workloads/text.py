@@ -17,8 +17,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
 from ray_app import storage
-from ray_app.workloads.base import STATUS_OK, STATUS_REJECTED, BadInput, PrepareInputs, Workload
-from ray_app.workloads.image import assign_split
+from ray_app.workloads.base import STATUS_OK, STATUS_REJECTED, BadInput, PrepareInputs, Workload, assign_split, read_table
 
 if TYPE_CHECKING:
     import ray.data
@@ -165,22 +164,6 @@ class TextPreparer:
             for i, ids, was_cut in zip(good, token_ids, cut, strict=True):
                 rows["input_ids"][i], rows["truncated"][i] = ids, was_cut
         return pa.table(rows, schema=PREPARED_SCHEMA)
-
-
-def read_table(uri: str) -> ray.data.Dataset:
-    """CSV, Parquet or JSON Lines (file or folder), chosen by extension."""
-    import ray.data
-
-    uri = storage.normalize(uri)
-    names = [info.path for info in storage.list_files(uri)]
-    extensions = {os.path.splitext(n.removesuffix(".gz").removesuffix(".bz2"))[1].lower() for n in names}
-    if extensions <= {".parquet"}:
-        return ray.data.read_parquet(uri)
-    if extensions <= {".csv"}:
-        return ray.data.read_csv(uri)
-    if extensions <= {".jsonl", ".json"}:
-        return ray.data.read_json(uri, lines=True)
-    raise ValueError(f"{uri}: expected .csv, .parquet or .jsonl files, found {sorted(extensions)}")
 
 
 def transformer_classifier(model_dir: str | None, num_labels: int, pretrained: bool, weights_sha256: str | None = None):
