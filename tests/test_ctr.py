@@ -18,8 +18,6 @@ import requests
 from ray import serve
 
 from ray_app.cli import run_cli
-from ray_app.config import load_config
-from ray_app.serving.app import run_serve, unused_loopback_port
 from ray_app.workloads.ctr import CTRWorkload
 from ray_app.workloads.ctr_data import CATEGORICAL, MOVIELENS_OPTIONS, NUMERIC, generate_criteo, movielens_clicks
 
@@ -33,7 +31,7 @@ def _option_flags() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def ctr_run(ray_session, tmp_path_factory) -> dict:
+def ctr_run(ray_session, tmp_path_factory, chain) -> dict:
     folder = tmp_path_factory.mktemp("ctr")
     frame = movielens_clicks(ROWS)
     broken = frame.iloc[:3].copy()
@@ -49,18 +47,7 @@ def ctr_run(ray_session, tmp_path_factory) -> dict:
     pq.write_table(table, path)
     common = ["--workspace", str(folder / "ws")]
     prepared = run_cli(["ctr", "prepare", *common, "--input", path, *_option_flags()])
-    trained = run_cli(["ctr", "train", *common, "--run-name", "ml", "--num-workers", "2"])
-    evaluated = run_cli(["ctr", "evaluate", *common, "--run-name", "ml"])
-    registered = run_cli(["ctr", "register", *common, "--run-name", "ml"])
-    return {
-        "path": path,
-        "frame": frame,
-        "common": common,
-        "prepared": prepared,
-        "trained": trained,
-        "evaluated": evaluated,
-        "registered": registered,
-    }
+    return {"path": path, "frame": frame, "common": common, "prepared": prepared, **chain("ctr", common[1], "ml")}
 
 
 def test_prepare_rejects_malformed_rows_and_splits_by_time(ctr_run):
@@ -121,19 +108,8 @@ def test_generator_has_criteo_schema_and_known_auc(ray_session, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ctr_endpoint(ctr_run):
-    port = unused_loopback_port()
-    config = load_config(
-        "ctr",
-        overrides={
-            "workspace": ctr_run["common"][1],
-            "serve.port": port,
-            "serve.min_replicas": 0,
-            "serve.max_replicas": 2,
-            "serve.downscale_delay_s": 2,
-        },
-    )
-    yield run_serve(config)["endpoint"]
+def ctr_endpoint(ctr_run, start_endpoint):
+    yield start_endpoint("ctr", ctr_run["common"][1], min_replicas=0, max_replicas=2, downscale_delay_s=2)
     serve.shutdown()
 
 

@@ -10,25 +10,10 @@ import requests
 from PIL import Image
 from ray import serve
 
-from ray_app.config import load_config
-from ray_app.serving.app import run_serve, unused_loopback_port
-
 
 @pytest.fixture(scope="module")
-def endpoint(trained_workspace):
-    port = unused_loopback_port()
-    config = load_config(
-        "image",
-        overrides={
-            "workspace": trained_workspace["workspace"],
-            "serve.port": port,
-            "serve.max_body_bytes": 200_000,
-            "serve.min_replicas": 1,
-            "serve.max_replicas": 1,
-        },
-    )
-    served = run_serve(config)
-    yield served["endpoint"]
+def endpoint(trained_workspace, start_endpoint):
+    yield start_endpoint("image", trained_workspace["workspace"], max_body_bytes=200_000, min_replicas=1, max_replicas=1)
     serve.shutdown()
 
 

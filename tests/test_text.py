@@ -13,9 +13,7 @@ import requests
 from ray import serve
 
 from ray_app.cli import run_cli
-from ray_app.config import load_config
 from ray_app.demo_data import write_text_demo
-from ray_app.serving.app import run_serve, unused_loopback_port
 from ray_app.workloads.text import TextPreparer, packaged_minilm_dir, verify_weights
 
 REVIEWS = 600
@@ -23,7 +21,7 @@ FLAGS = ["--labels", "fresh", "rotten", "--max-length", "64"]
 
 
 @pytest.fixture(scope="module")
-def text_run(ray_session, tmp_path_factory) -> dict:
+def text_run(ray_session, tmp_path_factory, chain) -> dict:
     folder = tmp_path_factory.mktemp("text")
     csv = str(folder / "reviews.csv")
     write_text_demo(csv, limit=REVIEWS)  # + 3 broken rows
@@ -31,18 +29,8 @@ def text_run(ray_session, tmp_path_factory) -> dict:
     prepared = run_cli(["text", "prepare", *common, "--input", csv, *FLAGS])
     # Train one epoch, then ask for two under the same run name: the second call must resume.
     first = run_cli(["text", "train", *common, "--run-name", "rt", "--epochs", "1", "--num-workers", "2"])
-    trained = run_cli(["text", "train", *common, "--run-name", "rt", "--epochs", "2", "--num-workers", "2"])
-    evaluated = run_cli(["text", "evaluate", *common, "--run-name", "rt"])
-    registered = run_cli(["text", "register", *common, "--run-name", "rt"])
-    return {
-        "csv": csv,
-        "common": common,
-        "prepared": prepared,
-        "first": first,
-        "trained": trained,
-        "evaluated": evaluated,
-        "registered": registered,
-    }
+    rest = chain("text", common[1], "rt", "--epochs", "2")
+    return {"csv": csv, "common": common, "prepared": prepared, "first": first, **rest}
 
 
 def test_prepare_rejects_bad_rows_with_reasons(text_run):
@@ -114,13 +102,8 @@ def test_weights_with_the_wrong_hash_are_refused():
 
 
 @pytest.fixture(scope="module")
-def text_endpoint(text_run):
-    port = unused_loopback_port()
-    workspace = text_run["common"][1]
-    config = load_config(
-        "text", overrides={"workspace": workspace, "serve.port": port, "serve.max_replicas": 1, "serve.max_items_per_request": 8}
-    )
-    yield run_serve(config)["endpoint"]
+def text_endpoint(text_run, start_endpoint):
+    yield start_endpoint("text", text_run["common"][1], max_replicas=1, max_items_per_request=8)
     serve.shutdown()
 
 

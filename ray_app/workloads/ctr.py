@@ -227,6 +227,11 @@ class CTRWorkload(Workload):
         "serve.min_replicas": 0,
     }
 
+    def __init__(self) -> None:
+        # Per workload instance = per predict actor or Serve replica; built on first use.
+        self._transform: CTRTransform | None = None
+        self._event_model: type[BaseModel] | None = None
+
     # ---- prepare ---------------------------------------------------------------------------
     def read_prepare_inputs(
         self, input_uri: str, options: CTROptions, val_fraction: float, test_fraction: float, rows_per_block: int
@@ -236,12 +241,13 @@ class CTRWorkload(Workload):
         missing = required - set(ds.schema().names)
         if missing:
             raise ValueError(f"{input_uri}: missing column(s) {sorted(missing)}")
-        cutoffs = None
+        cutoffs, rows_in = None, None
         if options.time_column and options.time_column in ds.schema().names:
-            times = pd.to_numeric(
-                pd.concat(b[options.time_column] for b in ds.select_columns([options.time_column]).iter_batches(batch_format="pandas")),
-                errors="coerce",
-            ).dropna()
+            raw_times = pd.concat(
+                b[options.time_column] for b in ds.select_columns([options.time_column]).iter_batches(batch_format="pandas")
+            )
+            rows_in = len(raw_times)  # counted from the pass we need anyway, not a separate one
+            times = pd.to_numeric(raw_times, errors="coerce").dropna()
             cutoffs = [float(times.quantile(1 - val_fraction - test_fraction)), float(times.quantile(1 - test_fraction))]
         transform = fit_transform(ds, options, cutoffs[0] if cutoffs else None)
         manifest = {
@@ -250,7 +256,8 @@ class CTRWorkload(Workload):
             "time_cutoffs": cutoffs,
             "split_fractions": [val_fraction, test_fraction],
         }
-        return PrepareInputs(ds, rows_in=ds.count(), manifest=manifest, batch_size=max(rows_per_block, 4096))
+        rows_in = ds.count() if rows_in is None else rows_in
+        return PrepareInputs(ds, rows_in=rows_in, manifest=manifest, batch_size=max(rows_per_block, 4096))
 
     # ---- train -----------------------------------------------------------------------------
     def build_model(self, options: CTROptions, manifest: dict[str, Any], pretrained: bool = True) -> torch.nn.Module:
@@ -290,7 +297,7 @@ class CTRWorkload(Workload):
 
     def load_predict_batch(self, batch, options: CTROptions, manifest):
         frame = pd.DataFrame({k: list(v) for k, v in batch.items()})
-        categorical, numeric, reasons = CTRTransform(**manifest["transform"]).apply(frame)
+        categorical, numeric, reasons = self.fitted_transform(manifest).apply(frame)
         items = [(categorical[i], numeric[i]) for i in range(len(frame))]
         ids = (
             frame[options.id_column].astype(str).tolist()
@@ -307,11 +314,17 @@ class CTRWorkload(Workload):
             "numeric": torch.from_numpy(np.stack([n for _, n in items])),
         }
 
+    def fitted_transform(self, manifest: dict[str, Any]) -> CTRTransform:
+        """Built once per workload instance (one per predict actor or Serve replica)."""
+        if self._transform is None:
+            self._transform = CTRTransform(**manifest["transform"])
+        return self._transform
+
     # ---- serve -----------------------------------------------------------------------------
     def event_model(self, manifest: dict[str, Any]) -> type[BaseModel]:
         """The request schema, derived from the fitted transform: every feature is required,
         numerics must be finite numbers, categoricals strings or integers."""
-        cached = getattr(self, "_event_model", None)
+        cached = self._event_model
         if cached is None:
             t = manifest["transform"]
             fields: dict[str, Any] = {c: (StrictFloat | StrictInt, Field(allow_inf_nan=False)) for c in t["numeric_columns"]}
@@ -340,7 +353,7 @@ class CTRWorkload(Workload):
                 first = exc.errors()[0]
                 field = ".".join(str(p) for p in first["loc"]) or "event"
                 raise BadInput(f"events.{index}.{field}: {first['msg']}") from None
-        categorical, numeric, reasons = CTRTransform(**manifest["transform"]).apply(pd.DataFrame(validated))
+        categorical, numeric, reasons = self.fitted_transform(manifest).apply(pd.DataFrame(validated))
         bad = next((r for r in reasons if r), None)
         if bad:
             raise BadInput(bad)
