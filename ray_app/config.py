@@ -81,6 +81,9 @@ class ServeConfig(_Section):
     downscale_delay_s: float = Field(30.0, ge=0, description="idle time before replicas (down to min_replicas) are removed")
     look_back_period_s: float = Field(2.0, gt=0)
     metrics_interval_s: float = Field(0.5, gt=0)
+    max_queued_requests: int = Field(256, description="requests waiting for a replica beyond which new ones get 503 (-1: no limit)")
+    request_timeout_s: float = Field(30.0, gt=0, description="a request not answered in time gets 503 instead of hanging")
+    alias_poll_s: float = Field(10.0, ge=0, description="how often replicas re-read the alias they serve (0: only on reconfigure)")
     num_cpus: float = 1
     num_gpus: float = 0
     blocking: bool = Field(False, description="keep serving until interrupted")

@@ -4,21 +4,40 @@ from __future__ import annotations
 
 import os
 
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import ray
 
 from ray_app.cli import run_cli
 from ray_app.config import load_config
-from ray_app.demo_data import write_image_folders
+from ray_app.demo_data import write_image_folders, write_text_demo
 from ray_app.serving.app import run_serve, unused_loopback_port
+from ray_app.workloads.ctr_data import MOVIELENS_OPTIONS, movielens_clicks
 
 IMAGES_PER_RUN = 600  # real digits: enough to learn well above chance in a few CPU epochs
+REVIEWS = 600  # real Rotten Tomatoes snippets for the text chain
+TEXT_FLAGS = ["--labels", "fresh", "rotten", "--max-length", "64"]
+ROWS = 30000  # MovieLens-100K click events for the ctr chain
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def metrics_port() -> int:
+    return unused_loopback_port()
+
+
+@pytest.fixture(scope="session")
+def ray_session(metrics_port):
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _metrics_export_port=metrics_port,
+        # Application metrics reach the Prometheus endpoint within a second instead of ten.
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
     from ray_app.runtime import quiet_data_progress
 
     quiet_data_progress()
@@ -68,3 +87,42 @@ def trained_workspace(ray_session, demo_images, tmp_path_factory) -> dict:
     prepared = run_cli(["image", "prepare", "--workspace", workspace, "--input", demo_images])
     rest = train_evaluate_register("image", workspace, "chain", "--epochs", "5", "--batch-size", "16")
     return {"workspace": workspace, "prepared": prepared, **rest}
+
+
+@pytest.fixture(scope="session")
+def text_run(ray_session, tmp_path_factory, chain) -> dict:
+    folder = tmp_path_factory.mktemp("text")
+    csv = str(folder / "reviews.csv")
+    write_text_demo(csv, limit=REVIEWS)  # + 3 broken rows
+    common = ["--workspace", str(folder / "ws")]
+    prepared = run_cli(["text", "prepare", *common, "--input", csv, *TEXT_FLAGS])
+    # Train one epoch, then ask for two under the same run name: the second call must resume.
+    first = run_cli(["text", "train", *common, "--run-name", "rt", "--epochs", "1", "--num-workers", "2"])
+    rest = chain("text", common[1], "rt", "--epochs", "2")
+    return {"csv": csv, "common": common, "prepared": prepared, "first": first, **rest}
+
+
+def _option_flags() -> list[str]:
+    o = MOVIELENS_OPTIONS
+    return ["--numeric-columns", *o["numeric_columns"], "--categorical-columns", *o["categorical_columns"],
+            "--item-column", o["item_column"], "--time-column", o["time_column"], "--id-column", o["id_column"]]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def ctr_run(ray_session, tmp_path_factory, chain) -> dict:
+    folder = tmp_path_factory.mktemp("ctr")
+    frame = movielens_clicks(ROWS)
+    broken = frame.iloc[:3].copy()
+    broken["event_id"] = ["bad-label", "bad-age", "bad-nan"]
+    broken["click"] = [None, 1, 0]
+    broken["age"] = broken["age"].astype(object)
+    broken.loc[broken.index[1], "age"] = "old"
+    broken.loc[broken.index[2], "age"] = float("nan")
+    table = pa.Table.from_pandas(
+        pd.concat([frame.astype({"age": object}), broken]).astype({"age": str, "click": "Int64"}), preserve_index=False
+    )
+    path = str(folder / "clicks.parquet")
+    pq.write_table(table, path)
+    common = ["--workspace", str(folder / "ws")]
+    prepared = run_cli(["ctr", "prepare", *common, "--input", path, *_option_flags()])
+    return {"path": path, "frame": frame, "common": common, "prepared": prepared, **chain("ctr", common[1], "ml")}

@@ -11,43 +11,14 @@ import time
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import requests
+from conftest import ROWS
 from ray import serve
 
-from ray_app.cli import run_cli
 from ray_app.workloads.ctr import CTRWorkload
-from ray_app.workloads.ctr_data import CATEGORICAL, MOVIELENS_OPTIONS, NUMERIC, generate_criteo, movielens_clicks
-
-ROWS = 30000
-
-
-def _option_flags() -> list[str]:
-    o = MOVIELENS_OPTIONS
-    return ["--numeric-columns", *o["numeric_columns"], "--categorical-columns", *o["categorical_columns"],
-            "--item-column", o["item_column"], "--time-column", o["time_column"], "--id-column", o["id_column"]]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def ctr_run(ray_session, tmp_path_factory, chain) -> dict:
-    folder = tmp_path_factory.mktemp("ctr")
-    frame = movielens_clicks(ROWS)
-    broken = frame.iloc[:3].copy()
-    broken["event_id"] = ["bad-label", "bad-age", "bad-nan"]
-    broken["click"] = [None, 1, 0]
-    broken["age"] = broken["age"].astype(object)
-    broken.loc[broken.index[1], "age"] = "old"
-    broken.loc[broken.index[2], "age"] = float("nan")
-    table = pa.Table.from_pandas(
-        pd.concat([frame.astype({"age": object}), broken]).astype({"age": str, "click": "Int64"}), preserve_index=False
-    )
-    path = str(folder / "clicks.parquet")
-    pq.write_table(table, path)
-    common = ["--workspace", str(folder / "ws")]
-    prepared = run_cli(["ctr", "prepare", *common, "--input", path, *_option_flags()])
-    return {"path": path, "frame": frame, "common": common, "prepared": prepared, **chain("ctr", common[1], "ml")}
+from ray_app.workloads.ctr_data import CATEGORICAL, MOVIELENS_OPTIONS, NUMERIC, generate_criteo
 
 
 def test_prepare_rejects_malformed_rows_and_splits_by_time(ctr_run):

@@ -69,6 +69,6 @@ def test_multipart_without_file_field_is_a_400(endpoint):
 
 def test_health_and_model_info(endpoint):
     base = endpoint.rsplit("/", 1)[0]
-    assert requests.get(f"{base}/healthz", timeout=10).json() == {"status": "ok"}
+    assert requests.get(f"{base}/healthz", timeout=10).json() == {"status": "ok", "models": {"image": "loaded"}}
     info = requests.get(f"{base}/model", timeout=10).json()
     assert info["version"] == 1 and info["classes"] == [str(i) for i in range(10)]

@@ -10,27 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import requests
+from conftest import REVIEWS
 from ray import serve
 
 from ray_app.cli import run_cli
-from ray_app.demo_data import write_text_demo
 from ray_app.workloads.text import TextPreparer, packaged_minilm_dir, verify_weights
-
-REVIEWS = 600
-FLAGS = ["--labels", "fresh", "rotten", "--max-length", "64"]
-
-
-@pytest.fixture(scope="module")
-def text_run(ray_session, tmp_path_factory, chain) -> dict:
-    folder = tmp_path_factory.mktemp("text")
-    csv = str(folder / "reviews.csv")
-    write_text_demo(csv, limit=REVIEWS)  # + 3 broken rows
-    common = ["--workspace", str(folder / "ws")]
-    prepared = run_cli(["text", "prepare", *common, "--input", csv, *FLAGS])
-    # Train one epoch, then ask for two under the same run name: the second call must resume.
-    first = run_cli(["text", "train", *common, "--run-name", "rt", "--epochs", "1", "--num-workers", "2"])
-    rest = chain("text", common[1], "rt", "--epochs", "2")
-    return {"csv": csv, "common": common, "prepared": prepared, "first": first, **rest}
 
 
 def test_prepare_rejects_bad_rows_with_reasons(text_run):

@@ -160,6 +160,10 @@ class Workload(ABC):
     def decode_request(self, payload: bytes, options: BaseModel, manifest: dict[str, Any]) -> list[tuple[Any, dict[str, Any]]]:
         """An HTTP body -> [(decoded item, per-item response extras)]; raises BadInput (-> 4xx)."""
 
+    def request_schema(self, options: BaseModel, manifest: dict[str, Any]) -> dict[str, Any]:
+        """JSON schema of the request body (shown by ``/v1/models``, used by the try-it page)."""
+        return {"type": "string", "format": "binary", "description": "raw bytes, or a multipart form with a 'file' field"}
+
     @abstractmethod
     def format_response(
         self, probabilities: list[np.ndarray], extras: list[dict[str, Any]], classes: list[str], top_k: int

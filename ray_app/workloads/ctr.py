@@ -8,6 +8,7 @@ prepare, batch predict and serving, so the served features are the trained featu
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -51,35 +52,50 @@ class CTRTransform:
     means: list[float]
     stds: list[float]
 
-    def apply(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+    def apply(self, frame: Mapping[str, Any], n: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
         """(hashed field-offset category ids N×F int64, standardised numerics N×D float32, reject
-        reason per row or None). Unknown categories are fine: they hash into a bucket."""
-        n = len(frame)
+        reason per row or None). Unknown categories are fine: they hash into a bucket.
+
+        ``frame`` is a DataFrame (prepare, predict) or a dict of column lists (one request): plain
+        numpy per column, because pandas' per-call overhead was 4 ms of a 4.1 ms single event."""
+        n = len(frame) if n is None else n
         reasons: list[str | None] = [None] * n
         numeric = np.zeros((n, len(self.numeric_columns)), dtype=np.float32)
         for j, column in enumerate(self.numeric_columns):
-            raw = frame[column] if column in frame else pd.Series([None] * n)
-            values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+            raw = _column(frame, column, n)
+            values = _to_float(raw)
             bad = ~np.isfinite(values)
             for i in np.flatnonzero(bad):
                 if reasons[i] is None:
-                    reasons[i] = (
-                        f"{column}: missing"
-                        if raw.iloc[i] is None or (isinstance(raw.iloc[i], float) and np.isnan(raw.iloc[i]))
-                        else f"{column}: not a finite number ({raw.iloc[i]!r})"
-                    )
+                    missing = raw[i] is None or (isinstance(raw[i], float) and np.isnan(raw[i]))
+                    reasons[i] = f"{column}: missing" if missing else f"{column}: not a finite number ({raw[i]!r})"
             logged = np.sign(values) * np.log1p(np.abs(np.where(bad, 0.0, values)))
             numeric[:, j] = (logged - self.means[j]) / self.stds[j]
         categorical = np.zeros((n, len(self.categorical_columns)), dtype=np.int64)
         for j, column in enumerate(self.categorical_columns):
-            raw = frame[column] if column in frame else pd.Series([None] * n)
-            missing = raw.isna().to_numpy()
-            for i in np.flatnonzero(missing):
+            raw = _column(frame, column, n)
+            for i in np.flatnonzero(pd.isna(raw)):
                 reasons[i] = reasons[i] or f"{column}: missing"
             # pandas' hash_array uses a fixed key: stable across processes and machines.
-            hashed = pd.util.hash_array(raw.astype(str).to_numpy(dtype=object), categorize=False)
+            hashed = pd.util.hash_array(raw.astype(str).astype(object), categorize=False)
             categorical[:, j] = j * self.buckets + (hashed % np.uint64(self.buckets)).astype(np.int64)
         return categorical, numeric, reasons
+
+
+def _column(frame: Mapping[str, Any], column: str, n: int) -> np.ndarray:
+    if column not in frame:
+        return np.full(n, None, dtype=object)
+    values = frame[column]
+    return values.to_numpy() if isinstance(values, pd.Series) else np.asarray(values, dtype=object)
+
+
+def _to_float(raw: np.ndarray) -> np.ndarray:
+    """Numbers (or numeric strings) as float64, anything else NaN — pandas' ``to_numeric(errors=
+    "coerce")``, with a fast path for the common all-numeric column."""
+    try:
+        return raw.astype(np.float64)
+    except (TypeError, ValueError):
+        return pd.to_numeric(pd.Series(raw), errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
 
 
 PREPARED_FIELDS = [
@@ -333,6 +349,10 @@ class CTRWorkload(Workload):
             self._event_model = cached
         return cached
 
+    def request_schema(self, options: CTROptions, manifest) -> dict[str, Any]:
+        event = self.event_model(manifest).model_json_schema()
+        return {"anyOf": [event, {"type": "object", "properties": {"events": {"type": "array", "items": event}}, "required": ["events"]}]}
+
     def decode_request(self, payload: bytes, options: CTROptions, manifest) -> list[tuple[Any, dict[str, Any]]]:
         import json
 
@@ -353,7 +373,8 @@ class CTRWorkload(Workload):
                 first = exc.errors()[0]
                 field = ".".join(str(p) for p in first["loc"]) or "event"
                 raise BadInput(f"events.{index}.{field}: {first['msg']}") from None
-        categorical, numeric, reasons = self.fitted_transform(manifest).apply(pd.DataFrame(validated))
+        columns = {name: [event[name] for event in validated] for name in validated[0]}
+        categorical, numeric, reasons = self.fitted_transform(manifest).apply(columns, len(validated))
         bad = next((r for r in reasons if r), None)
         if bad:
             raise BadInput(bad)

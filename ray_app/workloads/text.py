@@ -296,6 +296,9 @@ class TextWorkload(Workload):
         token_ids, truncated = tokenize(self.tokenizer(options), request.texts, options.max_length)
         return [(ids, {"truncated": cut}) for ids, cut in zip(token_ids, truncated, strict=True)]
 
+    def request_schema(self, options: TextOptions, manifest) -> dict[str, Any]:
+        return TextRequest.model_json_schema()
+
     def format_response(
         self, probabilities: list[np.ndarray], metas: list[dict[str, Any]], classes: list[str], top_k: int
     ) -> dict[str, Any]:

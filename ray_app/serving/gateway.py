@@ -1,0 +1,226 @@
+"""The HTTP ingress of the serving app: one small CPU deployment in front of the model deployments.
+
+It owns everything that is about HTTP rather than a model — API keys, body limits, multipart,
+routing by workload, time limits and backpressure (fast 503s), retries when a model replica dies
+mid-request, request metrics, health, the model list, OpenAPI docs and the try-it page — and
+talks to each workload's ``ModelServer`` through a deployment handle, so the two scale apart.
+Models (and the preprocessing that belongs to their version) stay in the model deployments.
+"""
+
+import asyncio
+import hashlib
+import hmac
+import importlib.resources
+import logging
+import os
+import time
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
+
+from ray_app.config import ServeConfig
+from ray_app.serving.http import RequestError, error_response, read_body
+from ray_app.serving.metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+WorkloadName = Literal["image", "text", "ctr"]
+# A replica that dies mid-request (scale-down, node loss, a crash) costs a retry, not a failure:
+# inference is idempotent.
+REPLICA_LOST = RayActorError
+MAX_ATTEMPTS = 3
+
+PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": 'image: raw bytes or multipart \'file\'; text: {"texts": [...]}; ctr: one event or {"events": [...]}. '
+        "GET /v1/models shows each model's exact schema.",
+        "content": {
+            "application/json": {"schema": {"type": "object"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}},
+        },
+    }
+}
+
+
+class GatewayConfig(BaseModel):
+    """The ingress deployment: small (no torch), always on, and the place where auth is enforced."""
+
+    min_replicas: int = Field(1, ge=1, description="kept >= 1 so a scaled-to-zero model still has someone to wake it")
+    max_replicas: int = Field(2, gt=0)
+    target_ongoing_requests: float = Field(32, gt=0)
+    max_ongoing_requests: int = Field(256, gt=0)
+    max_queued_requests: int = Field(512, description="-1: no limit; beyond it the proxy answers 503")
+    num_cpus: float = Field(0.25, ge=0)
+    api_key_sha256: list[str] = Field(default_factory=list, description="SHA-256 hex digests of accepted API keys (no secrets in configs)")
+    api_key_env: str = Field(
+        "RAY_APP_API_KEY", description="an API key in this environment variable (on the gateway's node) is accepted too"
+    )
+
+
+class AppSettings(BaseModel):
+    """Arguments of the serving app (``build_app``): the registry, the workloads it hosts, the gateway."""
+
+    models: str = Field("./workspace/models", description="model registry URI")
+    workloads: dict[WorkloadName, ServeConfig]
+    gateway: GatewayConfig = GatewayConfig()
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+api = FastAPI(
+    title="ray_app inference",
+    description="Image, text and click models served by Ray Serve. Send `Authorization: Bearer <key>` when an API key is configured.",
+)
+
+
+# Every error, FastAPI's own included (unknown route, bad path parameter), has one JSON shape.
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    return error_response(422, f"{where}: {first['msg']}")
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    return error_response(exc.status_code, str(exc.detail))
+
+
+@serve.deployment
+@serve.ingress(api)
+class Gateway:
+    def __init__(self, settings: dict[str, Any], models: dict[str, DeploymentHandle]) -> None:
+        self.settings = AppSettings.model_validate(settings)
+        self.models = models
+        env_key = os.environ.get(self.settings.gateway.api_key_env, "")
+        self.key_digests = set(self.settings.gateway.api_key_sha256) | ({key_digest(env_key)} if env_key else set())
+        self.metrics = GatewayMetrics()
+        self.page = importlib.resources.files("ray_app.serving").joinpath("page.html").read_text()
+
+    # ---- open routes ------------------------------------------------------------------------
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def try_it_page(self) -> str:
+        return self.page
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        """Ready when every model that should be running has a replica with its model loaded; a
+        model scaled to zero counts as ready (it loads on its first request) and is not woken."""
+        states: dict[str, str] = {}
+        for name, limits in self.settings.workloads.items():
+            if limits.min_replicas == 0:
+                states[name] = "scaled to zero until requested"
+                continue
+            try:
+                await asyncio.wait_for(self._call(name, "describe"), timeout=2)
+                states[name] = "loaded"
+            except Exception:  # noqa: BLE001 - any failure here means "not ready yet"
+                states[name] = "loading"
+        ready = all(state != "loading" for state in states.values())
+        return JSONResponse(status_code=200 if ready else 503, content={"status": "ok" if ready else "loading", "models": states})
+
+    # ---- routes behind the API key --------------------------------------------------------
+    @api.get("/v1/models")
+    async def list_models(self, request: Request) -> Any:
+        """What each workload serves: version, alias, metrics, request schema (wakes scaled-to-zero models)."""
+        try:
+            self._authorize(request)
+            described = await asyncio.gather(*(self._call(name, "describe") for name in self.models))
+        except RequestError as exc:
+            return error_response(exc.status_code, exc.message, exc.headers)
+        return {"models": described}
+
+    @api.get("/{workload}/model")
+    async def model_info(self, workload: WorkloadName, request: Request) -> Any:
+        try:
+            self._authorize(request)
+            return await self._call(workload, "describe")
+        except RequestError as exc:
+            return error_response(exc.status_code, exc.message, exc.headers)
+
+    @api.post("/{workload}/predict", openapi_extra=PREDICT_BODY)
+    async def predict(self, workload: WorkloadName, request: Request) -> Any:
+        started, status = time.perf_counter(), 500
+        try:
+            self._authorize(request)
+            limits = self._limits(workload)
+            payload = await read_body(request, limits.max_body_bytes)
+            answer = await self._call(workload, "predict", payload)
+            if answer["status"] != 200:
+                raise RequestError(answer["status"], answer["message"])
+            status = 200
+            return answer["body"]
+        except RequestError as exc:
+            status = exc.status_code
+            return error_response(exc.status_code, exc.message, exc.headers)
+        finally:
+            self.metrics.observe(workload, status, (time.perf_counter() - started) * 1000)
+
+    # Single-workload apps (``ray-app <workload> serve``) live under /<workload>; Serve strips that
+    # prefix, so their requests arrive here.
+    @api.post("/predict", openapi_extra=PREDICT_BODY, include_in_schema=False)
+    async def predict_only_workload(self, request: Request) -> Any:
+        return await self.predict(self._only_workload(), request)
+
+    @api.get("/model", include_in_schema=False)
+    async def model_info_only_workload(self, request: Request) -> Any:
+        return await self.model_info(self._only_workload(), request)
+
+    # ---- helpers --------------------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        if not self.key_digests:
+            return
+        header = request.headers.get("authorization", "")
+        key = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else request.headers.get("x-api-key", "")
+        if not key:
+            raise RequestError(401, "missing API key: send 'Authorization: Bearer <key>'", {"WWW-Authenticate": "Bearer"})
+        if not any(hmac.compare_digest(key_digest(key), digest) for digest in self.key_digests):
+            raise RequestError(403, "API key not accepted")
+
+    def _limits(self, workload: str) -> ServeConfig:
+        if workload not in self.models:
+            raise RequestError(404, f"workload {workload!r} is not served here; served: {sorted(self.models)}")
+        return self.settings.workloads[workload]
+
+    def _only_workload(self) -> str:
+        return next(iter(self.models)) if len(self.models) == 1 else "none"
+
+    async def _call(self, workload: str, method: str, *args: Any) -> Any:
+        """One call to a workload's model deployment, bounded in time, with overload as a 503 and
+        a replica lost mid-request retried on another one."""
+        limits = self._limits(workload)
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            response = getattr(self.models[workload], method).remote(*args)
+
+            async def answer(response=response) -> Any:
+                return await response
+
+            try:
+                return await asyncio.wait_for(answer(), timeout=limits.request_timeout_s)
+            except asyncio.TimeoutError:
+                response.cancel()
+                raise RequestError(503, f"no answer within {limits.request_timeout_s:g} s; retry later", {"Retry-After": "1"}) from None
+            except BackPressureError:
+                raise RequestError(503, f"{workload} is at capacity; retry later", {"Retry-After": "1"}) from None
+            except DeploymentUnavailableError as exc:
+                raise RequestError(503, f"{workload} is unavailable: {exc}", {"Retry-After": "5"}) from None
+            except RayTaskError:
+                log.exception("%s: %s failed inside the model replica", workload, method)
+                raise RequestError(500, f"{workload}: internal error while running the model") from None
+            except REPLICA_LOST:
+                if attempt == MAX_ATTEMPTS:
+                    raise RequestError(503, f"{workload} replicas kept failing; retry later", {"Retry-After": "1"}) from None
+                log.warning("%s: replica lost during %s, retrying (attempt %d)", workload, method, attempt)
+        raise AssertionError("unreachable")

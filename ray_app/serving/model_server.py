@@ -1,0 +1,122 @@
+"""The model deployment: one per workload. Loads a registered model by alias or version, decodes
+requests with that model's own preprocessing (so a version switch swaps both at once), and runs
+every item that arrives within the batch window through one forward pass (``@serve.batch``).
+
+Rollout: ``user_config.model`` names an alias (``production``) or a version. Changing it in the
+Serve config is a lightweight update (``reconfigure``, no replica restart). Replicas that follow an
+alias also re-read the registry every ``alias_poll_s`` seconds, so ``ray-app <workload> register
+--alias production`` rolls a running app forward on its own. The new bundle loads in a thread
+while the old one keeps answering; requests in flight finish on the bundle they were decoded with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from ray_app import storage
+from ray_app.bundle import ModelBundle, load_bundle
+from ray_app.config import ServeConfig
+from ray_app.engine.scoring import pick_device
+from ray_app.registry import resolve_model_uri
+from ray_app.serving.metrics import ModelMetrics
+from ray_app.workloads.base import BadInput
+
+log = logging.getLogger(__name__)
+
+
+def follows_alias(ref: str) -> bool:
+    """A version number or a bundle URI pins the model; anything else is an alias that can move."""
+    return not (ref.isdigit() or "/" in ref or "://" in ref)
+
+
+@serve.deployment
+class ModelServer:
+    def __init__(self, workload: str, models: str, settings: dict[str, Any]) -> None:
+        self.workload_name, self.models = workload, models
+        self.settings = ServeConfig.model_validate(settings)
+        self.bundle: ModelBundle | None = None
+        self.model_ref, self.model_uri = self.settings.model, ""
+        self.device = pick_device(self.settings.num_gpus > 0)
+        self.metrics = ModelMetrics(workload)
+        self.predict_batch.set_max_batch_size(self.settings.max_batch_size)
+        self.predict_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        self._alias_watch: asyncio.Task | None = None
+
+    # ---- versions -------------------------------------------------------------------------
+    def _load(self, ref: str) -> bool:
+        uri = storage.normalize(resolve_model_uri(self.models, self.workload_name, ref))
+        if uri == self.model_uri and self.bundle is not None:
+            return False
+        bundle = load_bundle(uri, self.device)
+        # One assignment: a request sees the old bundle or the new one, never a mix.
+        self.bundle, self.model_ref, self.model_uri = bundle, ref, uri
+        log.info("%s: serving %s (version %s)", self.workload_name, uri, bundle.info.get("version"))
+        return True
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        # Serve calls this before the replica takes traffic, so a replica is ready only with a model.
+        await asyncio.to_thread(self._load, str(user_config.get("model", self.settings.model)))
+        if self._alias_watch is None and self.settings.alias_poll_s > 0:
+            self._alias_watch = asyncio.get_running_loop().create_task(self._follow_alias())
+
+    async def _follow_alias(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.alias_poll_s)
+            if follows_alias(self.model_ref):
+                try:
+                    await asyncio.to_thread(self._load, self.model_ref)
+                except Exception:  # noqa: BLE001 - a broken new version must not take down the one serving
+                    log.exception(
+                        "%s: could not load what alias %r points to; keeping %s", self.workload_name, self.model_ref, self.model_uri
+                    )
+
+    def describe(self) -> dict[str, Any]:
+        b = self.bundle
+        return {
+            "workload": self.workload_name,
+            "ref": self.model_ref,
+            "version": b.info.get("version"),
+            "uri": self.model_uri,
+            "classes": b.classes,
+            "metrics": b.info.get("metrics"),
+            "device": str(self.device),
+            "request_schema": b.workload.request_schema(b.options, b.manifest),
+        }
+
+    # ---- inference ------------------------------------------------------------------------
+    async def predict(self, payload: bytes) -> dict[str, Any]:
+        """An HTTP body -> ``{"status": 200, "body": answer}`` or ``{"status": 4xx, "message": ...}``:
+        bad input is an answer, not an exception, so it never counts as a replica failure."""
+        b = self.bundle
+        try:
+            decoded = b.workload.decode_request(payload, b.options, b.manifest)
+        except BadInput as exc:
+            return {"status": 422, "message": str(exc)}
+        limit = self.settings.max_items_per_request
+        if len(decoded) > limit:
+            return {"status": 422, "message": f"{len(decoded)} items in one request, at most {limit}"}
+        # Each item joins the replica-wide batch on its own, so one request with many items and
+        # many single-item requests share forward passes alike.
+        probabilities = await asyncio.gather(*(self.predict_batch((b, item)) for item, _ in decoded))
+        top_k = min(self.settings.top_k, len(b.classes))
+        answer = b.workload.format_response(list(probabilities), [extras for _, extras in decoded], b.classes, top_k)
+        return {"status": 200, "body": {"model": {"workload": self.workload_name, "version": b.info.get("version")}, **answer}}
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def predict_batch(self, items: list[tuple[ModelBundle, Any]]) -> list[np.ndarray]:
+        # During a switch a batch can hold items decoded for two versions: each runs on its own.
+        results: list[np.ndarray | None] = [None] * len(items)
+        labels: list[str] = []
+        for bundle in {id(b): b for b, _ in items}.values():
+            positions = [i for i, (b, _) in enumerate(items) if b is bundle]
+            inputs = bundle.workload.stack_items([items[i][1] for i in positions], bundle.options, bundle.manifest)
+            for i, p in zip(positions, bundle.predict_proba(inputs), strict=True):
+                results[i] = p
+                labels.append(bundle.classes[int(np.argmax(p))])
+        self.metrics.observe_batch(len(items), labels)
+        return results

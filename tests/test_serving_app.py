@@ -1,0 +1,281 @@
+"""The one serving app (cluster/serve/app.yaml) hosting image, text and ctr behind a gateway: routes,
+API keys, health, the model list, rollout under load with zero failed requests, backpressure,
+metrics in Prometheus format, the try-it page in a real browser, and schema fuzzing."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import socket
+import threading
+import time
+
+import pytest
+import requests
+import schemathesis
+import yaml
+from hypothesis import HealthCheck, given, settings
+from ray import serve
+from schemathesis import GenerationMode
+
+from ray_app.cli import run_cli
+from ray_app.serving.app import build_app, unused_loopback_port
+
+APP_CONFIG = os.path.join(os.path.dirname(__file__), "..", "cluster", "serve", "app.yaml")
+API_KEY = secrets.token_urlsafe(16)  # made per run; only its digest goes into the app config
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def _digit(demo_images: str, digit: str) -> bytes:
+    folder = os.path.join(demo_images, digit)
+    return open(os.path.join(folder, sorted(f for f in os.listdir(folder) if f[0].isdigit())[0]), "rb").read()
+
+
+def app_args(models: str, **gateway) -> dict:
+    """The shipped config's args, sized for 2 CPUs, with a per-run API key digest."""
+    with open(APP_CONFIG) as f:
+        args = yaml.safe_load(f)["applications"][0]["args"]
+    args["models"] = models
+    args["gateway"].update(api_key_sha256=[hashlib.sha256(API_KEY.encode()).hexdigest()], **gateway)
+    for workload in args["workloads"].values():
+        workload.update(num_cpus=0.5, max_replicas=1, alias_poll_s=1)
+    return args
+
+
+@pytest.fixture(scope="module")
+def registry(trained_workspace, text_run, ctr_run, tmp_path_factory) -> str:
+    """One registry holding the image, text and ctr models trained by the other modules."""
+    models = str(tmp_path_factory.mktemp("registry"))
+    for workload, workspace, run in (
+        ("image", trained_workspace["workspace"], "chain"),
+        ("text", text_run["common"][1], "rt"),
+        ("ctr", ctr_run["common"][1], "ml"),
+    ):
+        run_cli([workload, "register", "--workspace", workspace, "--run-name", run, "--models", models, "--alias", "production"])
+    return models
+
+
+@pytest.fixture(scope="module")
+def base_url(registry) -> str:
+    port = unused_loopback_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(app_args(registry)), name="ray_app", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+def test_every_workload_answers_under_its_prefix(base_url, demo_images, ctr_run):
+    image = requests.post(f"{base_url}/image/predict", data=_digit(demo_images, "4"), headers=AUTH, timeout=60)
+    assert image.status_code == 200, image.text
+    assert len(image.json()["predictions"]) == 3
+    text = requests.post(f"{base_url}/text/predict", json={"texts": ["a lovely film", "awful"]}, headers=AUTH, timeout=60)
+    assert text.status_code == 200, text.text
+    assert [r["label"] in ("fresh", "rotten") for r in text.json()["results"]] == [True, True]
+    event = ctr_run["frame"].drop(columns=["click"]).iloc[5].to_dict()
+    click = requests.post(f"{base_url}/ctr/predict", json=event, headers=AUTH, timeout=120)
+    assert click.status_code == 200, click.text
+    assert 0 < click.json()["click_probability"][0] < 1
+    assert {image.json()["model"]["workload"], text.json()["model"]["workload"], click.json()["model"]["workload"]} == {
+        "image",
+        "text",
+        "ctr",
+    }
+
+
+def test_api_key_is_required_on_inference_routes_but_not_on_health(base_url, demo_images):
+    image = _digit(demo_images, "2")
+    missing = requests.post(f"{base_url}/image/predict", data=image, timeout=30)
+    assert missing.status_code == 401 and "missing API key" in missing.json()["error"]["message"]
+    wrong = requests.post(f"{base_url}/image/predict", data=image, headers={"Authorization": "Bearer nope"}, timeout=30)
+    assert wrong.status_code == 403
+    assert requests.get(f"{base_url}/v1/models", timeout=30).status_code == 401
+    assert requests.post(f"{base_url}/image/predict", data=image, headers={"X-API-Key": API_KEY}, timeout=30).status_code == 200
+    assert requests.get(f"{base_url}/healthz", timeout=30).status_code == 200
+    assert "try the models" in requests.get(f"{base_url}/", timeout=30).text
+
+
+def test_health_and_model_list(base_url):
+    health = requests.get(f"{base_url}/healthz", timeout=30).json()
+    assert health["status"] == "ok"
+    assert health["models"]["image"] == health["models"]["text"] == "loaded"
+    listed = {m["workload"]: m for m in requests.get(f"{base_url}/v1/models", headers=AUTH, timeout=120).json()["models"]}
+    assert set(listed) == {"image", "text", "ctr"}
+    assert listed["image"]["version"] == listed["text"]["version"] == listed["ctr"]["version"] == 1
+    assert listed["text"]["request_schema"]["required"] == ["texts"]
+    assert "age" in listed["ctr"]["request_schema"]["anyOf"][0]["properties"]
+
+
+def test_unknown_workload_and_bad_bodies_get_json_4xx(base_url):
+    unknown = requests.post(f"{base_url}/audio/predict", data=b"x", headers=AUTH, timeout=30)
+    assert unknown.status_code == 422  # not one of the workload names in the schema
+    bad = requests.post(f"{base_url}/text/predict", data=b"{not json", headers={**AUTH, "Content-Type": "application/json"}, timeout=30)
+    assert bad.status_code == 422 and bad.json()["error"]["status"] == 422
+    huge = requests.post(f"{base_url}/ctr/predict", data=b"x" * 2_000_000, headers=AUTH, timeout=30)
+    assert huge.status_code == 413
+
+
+def test_alias_rollout_under_load_fails_no_request(base_url, trained_workspace, registry, demo_images):
+    """Requests keep flowing while the alias moves to version 2: every one is answered, and the
+    answers switch from version 1 to version 2 once, never back."""
+    image = _digit(demo_images, "8")
+    answers: list[tuple[float, int, int | None]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        session = requests.Session()
+        while not stop.is_set():
+            r = session.post(f"{base_url}/image/predict", data=image, headers=AUTH, timeout=60)
+            answers.append((time.monotonic(), r.status_code, r.json().get("model", {}).get("version") if r.ok else None))
+
+    workers = [threading.Thread(target=client) for _ in range(4)]
+    for w in workers:
+        w.start()
+    time.sleep(1)
+    run_cli(["image", "register", "--workspace", trained_workspace["workspace"], "--run-name", "chain", "--models", registry])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(v == 2 for _, _, v in answers[-10:]):
+        time.sleep(0.2)
+    time.sleep(1)  # a little more traffic on the new version
+    stop.set()
+    for w in workers:
+        w.join()
+    statuses = {s for _, s, _ in answers}
+    versions = [v for _, _, v in sorted(answers)]
+    assert statuses == {200}, f"{len(answers)} requests, statuses {statuses}"
+    assert versions[0] == 1 and versions[-1] == 2 and len(answers) > 20
+    switched_at = versions.index(2)
+    # Concurrent clients can finish in any order around the switch; after it settles, only v2.
+    assert set(versions[switched_at + 8 :]) == {2}
+
+
+def test_overload_gets_a_fast_503_not_a_queue(registry, demo_images):
+    """A second app whose gateway takes one request and queues one: with both held open by
+    clients that never finish their body, the next request gets 503 at once."""
+    args = app_args(registry, max_ongoing_requests=1, max_queued_requests=1, num_cpus=0)
+    serve.run(build_app(args | {"workloads": {"image": {"num_cpus": 0.25}}}), name="tight", route_prefix="/tight")
+    url = serve_url("/tight/image/predict")
+    held = [_hold_request(url) for _ in range(2)]
+    try:
+        time.sleep(1)
+        started = time.monotonic()
+        answer = requests.post(url, data=_digit(demo_images, "1"), headers=AUTH, timeout=30)
+        assert answer.status_code == 503, answer.text
+        assert time.monotonic() - started < 5
+    finally:
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + 30
+    while requests.post(url, data=_digit(demo_images, "1"), headers=AUTH, timeout=30).status_code != 200:
+        assert time.monotonic() < deadline, "the gateway should serve again once the held requests are gone"
+        time.sleep(0.5)
+    serve.delete("tight")
+
+
+def serve_url(path: str) -> str:
+    from ray.serve.context import _get_global_client
+
+    http = _get_global_client().http_config
+    return f"http://127.0.0.1:{http.port}{path}"
+
+
+def _hold_request(url: str) -> socket.socket:
+    """Send headers announcing a body, then only part of it: the request stays in flight."""
+    host_port = url.split("/")[2]
+    host, port = host_port.split(":")
+    path = "/" + url.split("/", 3)[3]
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: {host_port}\r\nAuthorization: Bearer {API_KEY}\r\nContent-Length: 100000\r\n\r\n".encode()
+        + b"x" * 10
+    )
+    return sock
+
+
+def test_metrics_are_exported_in_prometheus_format(base_url, metrics_port, demo_images):
+    for _ in range(3):
+        requests.post(f"{base_url}/image/predict", data=_digit(demo_images, "5"), headers=AUTH, timeout=60)
+    wanted = ("ray_app_requests_total", "ray_app_request_latency_ms_bucket", "ray_app_batch_size_bucket", "ray_app_predictions_total")
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        text = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        if all(name in text for name in wanted):
+            break
+        time.sleep(1)
+    missing = [name for name in wanted if name not in text]
+    assert not missing, f"not exported: {missing}"
+    assert 'workload="image"' in text
+
+
+def test_try_it_page_in_a_real_browser(base_url, demo_images, tmp_path):
+    """Headless Chromium loads the page, enters the API key, submits each form and reads the answer."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} missing: `make setup` installs Debian's chromium")
+    digit = tmp_path / "digit.png"
+    digit.write_bytes(_digit(demo_images, "6"))
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{base_url}/")
+            page.fill("#api-key", API_KEY)
+            page.dispatch_event("#api-key", "change")
+            page.wait_for_selector("#ctr-fields input", timeout=120_000)  # the click form is built from the model's schema
+            assert "image v" in page.text_content("#models-status")
+
+            page.set_input_files("#image-file", str(digit))
+            page.click("#image-form button")
+            page.wait_for_function("document.querySelector('#image-result').textContent.includes('predictions')", timeout=60_000)
+
+            page.fill("#text-input", "a delight from start to finish")
+            page.click("#text-form button")
+            page.wait_for_function("document.querySelector('#text-result').textContent.includes('results')", timeout=60_000)
+
+            for field in page.query_selector_all("#ctr-fields input"):
+                field.fill("3")
+            page.click("#ctr-form button")
+            page.wait_for_function("document.querySelector('#ctr-result').textContent.includes('click_probability')", timeout=60_000)
+            answers = {name: page.text_content(f"#{name}-result") for name in ("image", "text", "ctr")}
+        finally:
+            browser.close()
+    assert '"label"' in answers["image"] and '"probability"' in answers["image"]
+    assert '"fresh"' in answers["text"] or '"rotten"' in answers["text"]
+    assert "HTTP" not in answers["ctr"]
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+def test_fuzzed_requests_never_get_a_5xx(base_url, mode):
+    """Requests generated from the OpenAPI schema, valid and invalid, for every route: the answer is
+    never a server error, and every error is the JSON ``{"error": {"status", "message"}}``."""
+    schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
+    answered: dict[str, set[int]] = {}
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        answered[operation.label] = set()
+
+        @given(case=operation.as_strategy(generation_mode=mode))
+        @settings(max_examples=12, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+        def never_a_server_error(case) -> None:
+            response = case.call(base_url=base_url, headers=AUTH, timeout=120)
+            assert response.status_code < 500, f"{case.method} {case.formatted_path}: {response.status_code} {response.text[:300]}"
+            if response.status_code >= 400:
+                assert response.json()["error"]["status"] == response.status_code
+            answered[case.operation.label].add(response.status_code)
+
+        never_a_server_error()
+    assert {"POST /{workload}/predict", "GET /v1/models", "GET /healthz"} <= set(answered), answered
+    assert all(answered.values()), answered
