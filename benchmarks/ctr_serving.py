@@ -2,6 +2,10 @@
 per-item baseline), then serving latency: p50/p99 at concurrency 1, 16 and 64, the model's own
 in-process latency for one event, and the time from idle at zero replicas to the first answer.
 
+Serving is measured twice in the same run, each in a fresh Ray instance: Serve's defaults, and
+``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` (gRPC between proxy, gateway and replicas, request logs
+buffered, user code on the replica's event loop), which every Ray process must inherit at start.
+
 Run: ``python benchmarks/ctr_serving.py [--rows 500000] [--seconds 10]``.
 """
 
@@ -42,6 +46,20 @@ def wait_for_zero(timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while running_replicas() and time.time() < deadline:
         time.sleep(0.25)
+
+
+def measure_serving(config, bodies: list[bytes], args: argparse.Namespace) -> dict:
+    """Cold starts from zero replicas, then closed-loop latency at concurrency 1, 16 and 64."""
+    url = run_serve(config)["endpoint"]
+    cold = []
+    for _ in range(args.cold_starts):
+        wait_for_zero()
+        t = time.perf_counter()
+        answer = requests.post(url, data=bodies[0], headers={"Content-Type": "application/json"}, timeout=120)
+        cold.append(time.perf_counter() - t)
+        assert answer.status_code == 200, answer.text
+    latency = [closed_loop(url, lambda i: (bodies[i % len(bodies)], "application/json"), c, args.seconds) for c in (1, 16, 64)]
+    return {"cold_start_s": cold, "latency": latency}
 
 
 def main() -> None:
@@ -102,19 +120,16 @@ def main() -> None:
         timings.append(time.perf_counter() - t)
     results["inprocess_p50_ms"] = float(np.median(timings) * 1000)
 
-    served = run_serve(config)
-    url = served["endpoint"]
-    cold = []
-    for _ in range(args.cold_starts):
-        wait_for_zero()
-        t = time.perf_counter()
-        answer = requests.post(url, data=bodies[0], headers={"Content-Type": "application/json"}, timeout=120)
-        cold.append(time.perf_counter() - t)
-        assert answer.status_code == 200, answer.text
-    results["cold_start_s"] = cold
-    results["latency"] = [closed_loop(url, lambda i: (bodies[i % len(bodies)], "application/json"), c, args.seconds) for c in (1, 16, 64)]
-    serve.shutdown()
     ray.shutdown()
+    results["serving"] = {}
+    for variant, env in (("default", {}), ("throughput_optimized", {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"})):
+        os.environ.update(env)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        results["serving"][variant] = measure_serving(config, bodies, args)
+        serve.shutdown()
+        ray.shutdown()
+        for key in env:
+            del os.environ[key]
 
     print(f"\nsynthetic Criteo, {args.rows} rows: generated at {results['generate_rows_per_s']:.0f} rows/s (Ray Data)")
     print(
@@ -123,11 +138,18 @@ def main() -> None:
     print(f"  AUC model {results['auc']:.4f}  |  true model {results['true_auc']:.4f}  |  per-item baseline {results['baseline_auc']:.4f}")
     print(f"  model reaches {results['auc'] / results['true_auc']:.3f} of the true model's AUC")
     print(f"\nserving: model in-process p50 {results['inprocess_p50_ms']:.2f} ms per event")
-    print("  cold start from zero replicas: " + ", ".join(f"{c:.2f}s" for c in cold))
-    for row in results["latency"]:
-        print(
-            f"  c={row['concurrency']:3d}: {row['req_per_s']:7.1f} req/s  p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  failed {row['failed']}"
-        )
+    for variant, measured in results["serving"].items():
+        print(f"  [{variant}] cold start from zero replicas: " + ", ".join(f"{c:.2f}s" for c in measured["cold_start_s"]))
+        for row in measured["latency"]:
+            print(
+                f"  [{variant}] c={row['concurrency']:3d}: {row['req_per_s']:7.1f} req/s  p50 {row['p50_ms']:7.1f} ms  "
+                f"p99 {row['p99_ms']:7.1f} ms  failed {row['failed']}"
+            )
+    default, optimized = (results["serving"][v]["latency"] for v in ("default", "throughput_optimized"))
+    for a, b in zip(default, optimized, strict=True):
+        print(f"  c={a['concurrency']:3d}: throughput-optimized / default = {b['req_per_s'] / a['req_per_s']:.2f}x req/s")
+    p50 = optimized[0]["p50_ms"]
+    print(f"  c=1 p50 over the in-process latency: {p50 - results['inprocess_p50_ms']:.1f} ms (throughput-optimized)")
     os.makedirs("benchmarks/results", exist_ok=True)
     with open("benchmarks/results/ctr_serving.json", "w") as f:
         json.dump(results, f, indent=2)

@@ -16,6 +16,7 @@ import requests
 import schemathesis
 import yaml
 from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
 from ray import serve
 from schemathesis import GenerationMode
 
@@ -150,18 +151,16 @@ def test_alias_rollout_under_load_fails_no_request(base_url, trained_workspace, 
 
 
 def test_overload_gets_a_fast_503_not_a_queue(registry, demo_images):
-    """A second app whose gateway takes one request and queues one: with both held open by
-    clients that never finish their body, the next request gets 503 at once."""
+    """A second app whose gateway takes one request and queues one. Six clients send headers and
+    never finish their bodies: two are admitted (one running, one queued), the other four get a
+    503 at once instead of waiting; once the clients go away the app serves again."""
     args = app_args(registry, max_ongoing_requests=1, max_queued_requests=1, num_cpus=0)
     serve.run(build_app(args | {"workloads": {"image": {"num_cpus": 0.25}}}), name="tight", route_prefix="/tight")
     url = serve_url("/tight/image/predict")
-    held = [_hold_request(url) for _ in range(2)]
+    held = [_hold_request(url) for _ in range(6)]
     try:
-        time.sleep(1)
-        started = time.monotonic()
-        answer = requests.post(url, data=_digit(demo_images, "1"), headers=AUTH, timeout=30)
-        assert answer.status_code == 503, answer.text
-        assert time.monotonic() - started < 5
+        statuses = [_status_within(sock, seconds=5) for sock in held]
+        assert statuses.count(503) == 4 and statuses.count(None) == 2, statuses
     finally:
         for sock in held:
             sock.close()
@@ -170,6 +169,16 @@ def test_overload_gets_a_fast_503_not_a_queue(registry, demo_images):
         assert time.monotonic() < deadline, "the gateway should serve again once the held requests are gone"
         time.sleep(0.5)
     serve.delete("tight")
+
+
+def _status_within(sock: socket.socket, seconds: float) -> int | None:
+    """The HTTP status the server sent on this connection, or None if it is still working on it."""
+    sock.settimeout(seconds)
+    try:
+        head = sock.recv(64)
+    except TimeoutError:
+        return None
+    return int(head.split()[1]) if head.startswith(b"HTTP/") else -1
 
 
 def serve_url(path: str) -> str:
@@ -276,6 +285,9 @@ def test_fuzzed_requests_never_get_a_5xx(base_url, mode):
                 assert response.json()["error"]["status"] == response.status_code
             answered[case.operation.label].add(response.status_code)
 
-        never_a_server_error()
+        try:
+            never_a_server_error()
+        except Unsatisfiable:  # a route without inputs has no invalid form
+            assert mode is GenerationMode.NEGATIVE and not operation.definition.raw.get("parameters"), operation.label
     assert {"POST /{workload}/predict", "GET /v1/models", "GET /healthz"} <= set(answered), answered
-    assert all(answered.values()), answered
+    assert answered["POST /{workload}/predict"] and answered["GET /{workload}/model"], answered
