@@ -30,7 +30,7 @@ from ray_app.config import ServeConfig
 from ray_app.serving.http import RequestError, error_response, read_body
 from ray_app.serving.metrics import GatewayMetrics
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ray.serve")  # Serve's logger: lines land in the replica's log file
 
 WorkloadName = Literal["image", "text", "ctr"]
 # A replica that dies mid-request (scale-down, node loss, a crash) costs a retry, not a failure:

@@ -26,7 +26,7 @@ from ray_app.registry import resolve_model_uri
 from ray_app.serving.metrics import ModelMetrics
 from ray_app.workloads.base import BadInput
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ray.serve")  # Serve's logger: lines land in the replica's log file
 
 
 def follows_alias(ref: str) -> bool:
@@ -109,6 +109,11 @@ class ModelServer:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def predict_batch(self, items: list[tuple[ModelBundle, Any]]) -> list[np.ndarray]:
+        # The forward pass runs off the event loop (torch releases the GIL), so the replica keeps
+        # decoding the next requests and answering Serve's health and queue-length probes meanwhile.
+        return await asyncio.to_thread(self._forward, items)
+
+    def _forward(self, items: list[tuple[ModelBundle, Any]]) -> list[np.ndarray]:
         # During a switch a batch can hold items decoded for two versions: each runs on its own.
         results: list[np.ndarray | None] = [None] * len(items)
         labels: list[str] = []

@@ -241,6 +241,8 @@ class CTRWorkload(Workload):
         "train.batch_size": 256,
         "train.epochs": 2,
         "serve.min_replicas": 0,
+        # Latency first: no batch window (under load batches still form while a forward pass runs).
+        "serve.batch_wait_timeout_s": 0.0,
     }
 
     def __init__(self) -> None:
