@@ -43,12 +43,12 @@ demo-autoscaling: setup
 # Tests that start their own Ray cluster (`ray start`/`ray stop`) cannot share the main session's
 # Ray instance: they run in a second pytest process.
 test: setup
-	$(BIN)/ruff check ray_app tests benchmarks
+	$(BIN)/ruff check ray_app tests benchmarks notebooks
 	$(BIN)/python -m pytest -m "not own_cluster"
 	$(BIN)/python -m pytest -m own_cluster
 
 lint: setup
-	$(BIN)/ruff check ray_app tests benchmarks
+	$(BIN)/ruff check ray_app tests benchmarks notebooks
 	$(BIN)/ruff format --check ray_app tests benchmarks
 
 bench: setup
