@@ -1,0 +1,308 @@
+"""Autoscaling, shown for real on one machine.
+
+The Ray autoscaler runs with its ``fake_multinode`` provider (``cluster/local-autoscaling.yaml``):
+the head has no CPUs, so a job's tasks and training workers wait until the autoscaler adds worker
+"nodes" (extra raylets on this host); once the job is done and the nodes sit idle for
+``idle_timeout_minutes`` they are removed again. The job is submitted through the Jobs API, as a
+user would, with token authentication on (``RAY_AUTH_MODE=token``, the token from ``ray get-auth-token``).
+
+    python -m ray_app.autoscaling_demo        # or: make demo-autoscaling
+
+The cluster is stopped at the end with ``ray stop --force``, which stops every Ray process of this
+user on this machine: do not run it next to another Ray instance you want to keep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "cluster" / "local-autoscaling.yaml"
+# The ray CLI of this Python environment (a venv's bin/), else the one on PATH.
+RAY = str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").exists() else shutil.which("ray") or "ray"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def auth_token() -> str:
+    """The cluster token as Ray resolves it (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token); one is generated in ~/.ray/auth_token when there is none yet."""
+    out = subprocess.run([RAY, "get-auth-token", "--generate"], check=True, capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+@dataclass
+class LocalCluster:
+    """A head started with ``ray start --head`` and the autoscaler; every port picked free."""
+
+    gcs_address: str
+    dashboard_url: str
+    headers: dict[str, str] = field(repr=False)
+    _state: Any = field(default=None, repr=False)
+
+    def job_client(self):
+        from ray.job_submission import JobSubmissionClient
+
+        # The header carries the token: this works from any process, whatever RAY_AUTH_MODE it
+        # was started with (Ray reads that variable once per process).
+        return JobSubmissionClient(self.dashboard_url, headers=self.headers)
+
+    def worker_nodes(self) -> list[str]:
+        """IDs of the alive nodes other than the head (Ray's state API, over the dashboard)."""
+        from ray.util.state import StateApiClient
+        from ray.util.state.common import ListApiOptions, StateResource
+
+        if self._state is None:
+            self._state = StateApiClient(address=self.dashboard_url, headers={"Content-Type": "application/json", **self.headers})
+        nodes = self._state.list(
+            StateResource.NODES,
+            options=ListApiOptions(filters=[("state", "=", "ALIVE"), ("is_head_node", "=", False)]),
+            raise_on_missing_output=False,
+        )
+        return sorted(node.node_id for node in nodes)
+
+
+def start_local_cluster(config: str | Path = DEFAULT_CONFIG, workdir: str | None = None) -> LocalCluster:
+    """``RAY_FAKE_CLUSTER=1 ray start --head --num-cpus=0 --autoscaling-config=...`` on free ports.
+
+    The fake provider starts its worker nodes against the GCS at ``provider.gcs_address`` (6379
+    when absent), so a copy of the config names the port picked here."""
+    port, dashboard_port = free_port(), free_port()
+    from ray.util import get_node_ip_address
+
+    gcs_address = f"{get_node_ip_address()}:{port}"
+    cluster_config = yaml.safe_load(Path(config).read_text())
+    cluster_config["provider"]["gcs_address"] = gcs_address
+    workdir = workdir or tempfile.mkdtemp(prefix="ray-app-cluster-")
+    config_copy = Path(workdir) / "autoscaling.yaml"
+    config_copy.write_text(yaml.safe_dump(cluster_config, sort_keys=False))
+    token = auth_token()
+    env = {
+        **os.environ,
+        "RAY_FAKE_CLUSTER": "1",
+        "AUTOSCALER_UPDATE_INTERVAL_S": "1",  # the autoscaler looks every second, not every 5
+        "RAY_AUTH_MODE": "token",
+    }
+    started = subprocess.run(
+        [
+            RAY,
+            "start",
+            "--head",
+            "--num-cpus=0",
+            f"--port={port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+            f"--ray-client-server-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--autoscaling-config={config_copy}",
+            "--disable-usage-stats",
+        ],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if started.returncode != 0:
+        raise RuntimeError(f"ray start failed ({started.returncode}):\n{started.stdout[-2000:]}\n{started.stderr[-2000:]}")
+    cluster = LocalCluster(gcs_address, f"http://127.0.0.1:{dashboard_port}", {"Authorization": f"Bearer {token}"})
+    _wait_for_dashboard(cluster)
+    return cluster
+
+
+def _wait_for_dashboard(cluster: LocalCluster, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            cluster.job_client().list_jobs()
+            return
+        except Exception:  # the dashboard's HTTP server comes up a moment after `ray start`
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def stop_local_cluster() -> None:
+    """``ray stop --force``: the head, the autoscaler and every worker node it started."""
+    subprocess.run([RAY, "stop", "--force"], check=False, capture_output=True)
+
+
+class NodeWatcher:
+    """Samples the number of alive worker nodes every ``interval_s`` seconds in a thread."""
+
+    def __init__(self, cluster: LocalCluster, interval_s: float = 1.0, on_change=None):
+        self.cluster = cluster
+        self.interval_s = interval_s
+        self.on_change = on_change
+        self.samples: list[tuple[float, int]] = []  # (seconds since start, alive worker nodes)
+        self.seen: set[str] = set()  # every worker node ID ever alive
+        self._stop = threading.Event()
+        self._started = time.monotonic()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> NodeWatcher:
+        self.sample()
+        self._thread.start()
+        return self
+
+    def sample(self) -> int:
+        nodes = self.cluster.worker_nodes()
+        count = len(nodes)
+        changed = not self.samples or self.samples[-1][1] != count
+        self.samples.append((round(time.monotonic() - self._started, 1), count))
+        self.seen.update(nodes)
+        if changed and self.on_change:
+            self.on_change(*self.samples[-1])
+        return count
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.sample()
+            except Exception:  # a slow answer while nodes start: try again next tick
+                continue
+
+    def counts(self) -> list[int]:
+        """The node counts in order, repeats collapsed: e.g. [0, 1, 2, 0]."""
+        out: list[int] = []
+        for _, count in self.samples:
+            if not out or out[-1] != count:
+                out.append(count)
+        return out
+
+    def wait_for(self, predicate, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.samples and predicate(self.samples[-1][1]):
+                return True
+            time.sleep(self.interval_s / 2)
+        return False
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def image_job_entrypoint(images: str, workspace: str, epochs: int = 1, python: str = "python") -> str:
+    """prepare then train (2 workers, half a CPU each), exactly as a user types it."""
+    common = f"--workspace {shlex.quote(workspace)}"
+    return (
+        f"{python} -m ray_app image prepare --input {shlex.quote(images)} {common} && "
+        f"{python} -m ray_app image train {common} --run-name autoscaling --num-workers 2 --cpus-per-worker 0.5 "
+        f"--epochs {epochs} --batch-size 16"
+    )
+
+
+def submit_image_job(cluster: LocalCluster, images: str, workspace: str, epochs: int = 1, runtime_env: dict | None = None) -> str:
+    """Submit prepare+train as one job, named and labelled so it reads well in the dashboard.
+
+    No ``working_dir`` by default: the project is installed in this environment, which every fake
+    node shares. (With ``working_dir``, fake nodes also share one session directory, and a worker
+    node's runtime-env agent deletes the unpacked package once its own workers are done with it,
+    pulling the current directory from under the job's next command; real nodes each have theirs.)
+    """
+    return cluster.job_client().submit_job(
+        entrypoint=image_job_entrypoint(images, workspace, epochs, python=shlex.quote(sys.executable)),
+        submission_id=f"image-train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+        metadata={"workload": "image", "stage": "prepare+train", "who": getpass.getuser(), "purpose": "autoscaling demo"},
+        runtime_env=runtime_env,
+    )
+
+
+def wait_for_job(cluster: LocalCluster, job_id: str, timeout_s: float, on_status=None):
+    """Poll until the job ends (or the timeout passes); returns its last ``JobStatus``."""
+    client = cluster.job_client()
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        status = client.get_job_status(job_id)
+        if status != last and on_status:
+            on_status(status)
+        last = status
+        if status.is_terminal():
+            break
+        time.sleep(1)
+    return last
+
+
+def stage_summaries(logs: str) -> dict[str, dict]:
+    """The JSON summaries the CLI prints (one per stage) found in a job's logs, by stage."""
+    decoder = json.JSONDecoder()
+    found: dict[str, dict] = {}
+    for match in re.finditer(r"^\{$", logs, flags=re.MULTILINE):
+        try:
+            value, _ = decoder.raw_decode(logs, match.start())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(value, dict) and "stage" in value:
+            found[value["stage"]] = value
+    return found
+
+
+def run_demo(config: str, images: int, epochs: int) -> int:
+    from ray_app.demo_data import write_image_folders
+
+    root = tempfile.mkdtemp(prefix="ray-app-autoscaling-")
+    folder, workspace = os.path.join(root, "digits"), os.path.join(root, "workspace")
+    write_image_folders(folder, limit=images)
+    print(f"{images} MNIST digits in {folder}; starting a head with 0 CPUs and the autoscaler ({config})", flush=True)
+    started = time.monotonic()
+
+    def log(message: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f}s] {message}", flush=True)
+
+    try:
+        cluster = start_local_cluster(config, workdir=root)
+        log(f"dashboard {cluster.dashboard_url}  (GCS {cluster.gcs_address})")
+        watcher = NodeWatcher(cluster, on_change=lambda _, n: log(f"worker nodes alive: {n}")).start()
+        job_id = submit_image_job(cluster, folder, workspace, epochs)
+        log(f"submitted job {job_id}")
+        status = wait_for_job(cluster, job_id, timeout_s=600, on_status=lambda s: log(f"job {job_id}: {s}"))
+        logs = cluster.job_client().get_job_logs(job_id)
+        if str(status) != "SUCCEEDED":
+            print(logs[-5000:])
+            return 1
+        metrics = stage_summaries(logs).get("train", {}).get("metrics", {})
+        log("trained: " + ", ".join(f"{k} {metrics[k]:.3f}" for k in ("train_loss", "val_loss", "val_accuracy") if k in metrics))
+        log("waiting for the idle worker nodes to be removed (idle_timeout_minutes) ...")
+        watcher.wait_for(lambda n: n == 0, timeout_s=180)
+        watcher.stop()
+        log(f"worker nodes over time: {' -> '.join(map(str, watcher.counts()))} ({len(watcher.seen)} launched in all)")
+        print(f"job {job_id} {status}; its run (checkpoints, curves.png) is in {workspace}/image/runs/autoscaling")
+        return 0
+    finally:
+        stop_local_cluster()
+        log("cluster stopped (ray stop --force)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="autoscaler config (fake_multinode provider)")
+    parser.add_argument("--images", type=int, default=1000, help="MNIST digits to train on")
+    parser.add_argument("--epochs", type=int, default=3)
+    args = parser.parse_args(argv)
+    return run_demo(args.config, args.images, args.epochs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""A real cluster on this machine: ``ray start --head`` with the Ray autoscaler and its
+``fake_multinode`` provider (cluster/local-autoscaling.yaml), token authentication on, work
+submitted through the Jobs API as a user would.
+
+These tests start and stop their own Ray cluster (``ray stop --force`` at the end), so they cannot
+share a process with the main suite's Ray instance: ``make test`` runs them in a second pytest
+process (``pytest -m own_cluster``).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+
+import pytest
+import yaml
+from ray.exceptions import AuthenticationError
+from ray.job_submission import JobStatus
+
+from ray_app.autoscaling_demo import (
+    DEFAULT_CONFIG,
+    NodeWatcher,
+    image_job_entrypoint,
+    stage_summaries,
+    start_local_cluster,
+    stop_local_cluster,
+    submit_image_job,
+    wait_for_job,
+)
+from ray_app.demo_data import write_image_folders
+
+pytestmark = pytest.mark.own_cluster
+
+IMAGES = 200
+JOB_TIMEOUT_S = 480  # ~1 min here; generous for a loaded 2-core machine
+SCALE_DOWN_TIMEOUT_S = 180  # idle_timeout_minutes is 0.2 (12 s); nodes go a few seconds after that
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        # The Jobs client always prefers these over the address it is given.
+        mp.delenv("RAY_ADDRESS", raising=False)
+        mp.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+        try:
+            yield start_local_cluster(DEFAULT_CONFIG, workdir=str(tmp_path_factory.mktemp("cluster")))
+        finally:
+            stop_local_cluster()
+
+
+@pytest.fixture(scope="module")
+def finished_job(cluster, tmp_path_factory):
+    """prepare + train submitted as one job while a thread counts the alive worker nodes."""
+    root = tmp_path_factory.mktemp("job")
+    images, workspace = str(root / "digits"), str(root / "workspace")
+    write_image_folders(images, limit=IMAGES)  # + 5 broken files that prepare must reject
+    watcher = NodeWatcher(cluster, interval_s=1.0).start()
+    job_id = submit_image_job(cluster, images, workspace, epochs=1)
+    status = wait_for_job(cluster, job_id, timeout_s=JOB_TIMEOUT_S)
+    client = cluster.job_client()
+    yield {
+        "job_id": job_id,
+        "status": status,
+        "info": client.get_job_info(job_id),
+        "logs": client.get_job_logs(job_id),
+        "watcher": watcher,
+        "workspace": workspace,
+    }
+    watcher.stop()
+
+
+def test_cluster_starts_with_token_auth_and_no_worker_nodes(cluster):
+    from ray.job_submission import JobSubmissionClient
+
+    assert cluster.worker_nodes() == []
+    # Token auth is on: the same request without the token is refused.
+    with pytest.raises(AuthenticationError, match="Invalid authentication token"):
+        JobSubmissionClient(cluster.dashboard_url, headers={"Authorization": "Bearer not-the-token"}).list_jobs()
+
+
+def test_job_submission_trains_and_reports(finished_job):
+    job = finished_job
+    assert job["status"] == JobStatus.SUCCEEDED, job["logs"][-4000:]
+
+    info = job["info"]
+    assert info.submission_id == job["job_id"]
+    assert job["job_id"].startswith("image-train-")
+    assert info.metadata == {"workload": "image", "stage": "prepare+train", "who": info.metadata["who"], "purpose": "autoscaling demo"}
+    assert info.metadata["who"]
+    assert "-m ray_app image prepare" in info.entrypoint and "-m ray_app image train" in info.entrypoint
+
+    summaries = stage_summaries(job["logs"])
+    prepared, trained = summaries["prepare"], summaries["train"]
+    assert prepared["rows_ok"] == IMAGES and prepared["rows_rejected"] == 5
+    assert prepared["rows_in"] == prepared["rows_ok"] + prepared["rows_rejected"]
+    metrics = trained["metrics"]
+    assert trained["epochs_completed"] == 1 and metrics["epoch"] == 1
+    assert metrics["train_rows"] + metrics["val_rows"] <= IMAGES
+    assert metrics["val_rows"] == prepared["splits"]["val"]
+    assert 0 < metrics["train_loss"] < 10 and 0 < metrics["val_loss"] < 10
+    assert 0 <= metrics["val_accuracy"] <= 1
+    # The checkpoint the job reports is on disk, in the workspace the job was given.
+    assert trained["checkpoint"].startswith(job["workspace"])
+    assert os.path.isfile(os.path.join(trained["checkpoint"], "model.safetensors"))
+
+
+def test_autoscaler_adds_nodes_for_the_job_and_removes_them_when_idle(finished_job):
+    job, watcher = finished_job, finished_job["watcher"]
+    assert job["status"] == JobStatus.SUCCEEDED, job["logs"][-4000:]
+    max_workers = yaml.safe_load(DEFAULT_CONFIG.read_text())["available_node_types"]["ray.worker.cpu"]["max_workers"]
+
+    assert watcher.samples[0][1] == 0, "the head has no CPUs and the cluster starts with no worker nodes"
+    peak = max(count for _, count in watcher.samples)
+    assert 1 <= peak <= max_workers
+    assert watcher.seen, "worker nodes were launched for the job"
+
+    assert watcher.wait_for(lambda count: count == 0, timeout_s=SCALE_DOWN_TIMEOUT_S), watcher.counts()
+    counts = watcher.counts()
+    assert counts[0] == 0 and counts[-1] == 0 and max(counts) >= 1, counts
+
+
+def test_job_entrypoint_is_the_documented_cli_quoted_for_the_shell():
+    """The job runs exactly what a user types (python -m ray_app ...); paths with spaces survive."""
+    command = image_job_entrypoint("/data/my scans", "/shared/ws", epochs=2, python=shlex.quote(sys.executable))
+    prepare, train = command.split(" && ")
+    assert shlex.split(prepare)[1:] == ["-m", "ray_app", "image", "prepare", "--input", "/data/my scans", "--workspace", "/shared/ws"]
+    train_args = shlex.split(train)
+    assert train_args[1:5] == ["-m", "ray_app", "image", "train"]
+    assert train_args[train_args.index("--epochs") + 1] == "2"
+    assert train_args[train_args.index("--cpus-per-worker") + 1] == "0.5"
