@@ -422,25 +422,25 @@ def test_rayjob_runs_the_training_cli_and_cleans_up():
     assert pack([bundle] * train.num_workers, gpu_groups)
 
 
-def test_rayservice_serves_the_image_app_from_cluster_storage():
-    from ray_app.serving.app import ServeSettings
+def test_rayservice_serves_the_combined_app_from_cluster_storage():
+    from ray_app.serving.app import app_settings
 
     service = kuberay("rayservice.yaml")
     serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
-    local = load(CLUSTER / "serve" / "image.yaml")
+    local = load(CLUSTER / "serve" / "app.yaml")
     (app,) = serve_config["applications"]
     (local_app,) = local["applications"]
     assert app["import_path"] == local_app["import_path"] == "ray_app.serving.app:build_app"
     assert (app["name"], app["route_prefix"]) == (local_app["name"], local_app["route_prefix"])
-    args = app["args"]
-    assert set(args) <= set(ServeSettings.model_fields), set(args) - set(ServeSettings.model_fields)
-    ServeSettings.model_validate(args)
-    assert args["models"].startswith(("s3://", "gs://")), "replicas load from the shared registry"
-    assert {k: v for k, v in args.items() if k != "models"} == {k: v for k, v in local_app["args"].items() if k != "models"}
-    # Replicas at full scale fit the CPU group.
-    replica = {"CPU": args["num_cpus"], "GPU": args["num_gpus"]}
-    groups = {n: g for n, g in kuberay_worker_types(service).items() if replica["GPU"] or not g[0]["GPU"]}
-    assert pack([replica] * args["max_replicas"], groups)
+    settings = app_settings(app["args"])
+    assert settings.models.startswith(("s3://", "gs://")), "replicas load from the shared registry"
+    assert set(settings.workloads) == set(app_settings(local_app["args"]).workloads) == {"image", "text", "ctr"}
+    # Every model deployment at full scale fits a worker group that has what it asks for.
+    for name, workload in settings.workloads.items():
+        replica = {"CPU": workload.num_cpus, "GPU": workload.num_gpus}
+        groups = {n: g for n, g in kuberay_worker_types(service).items() if replica["GPU"] or not g[0]["GPU"]}
+        assert pack([replica] * workload.max_replicas, groups), name
+
 
 
 # ---------------------------------------------------------------- image
