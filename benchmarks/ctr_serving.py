@@ -33,7 +33,8 @@ from ray_app.engine.prepare import run_prepare  # noqa: E402
 from ray_app.engine.register import run_register  # noqa: E402
 from ray_app.engine.train import run_train  # noqa: E402
 from ray_app.registry import resolve_model_uri  # noqa: E402
-from ray_app.serving.app import run_serve, unused_loopback_port  # noqa: E402
+from ray_app.runtime import unused_loopback_port  # noqa: E402
+from ray_app.serving.app import run_serve  # noqa: E402
 from ray_app.workloads.ctr_data import CRITEO_OPTIONS, generate_block, generate_criteo  # noqa: E402
 
 

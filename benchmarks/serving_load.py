@@ -262,7 +262,8 @@ def serve_run(args: argparse.Namespace, registry: dict[str, Any], load: Load, ke
     import ray
     from ray import serve
 
-    from ray_app.serving.app import build_app, unused_loopback_port
+    from ray_app.runtime import unused_loopback_port
+    from ray_app.serving.app import build_app
 
     os.environ.pop("RAY_ADDRESS", None)
     started = time.perf_counter()
@@ -287,7 +288,7 @@ def serve_run(args: argparse.Namespace, registry: dict[str, Any], load: Load, ke
 def baseline_run(
     args: argparse.Namespace, registry: dict[str, Any], load: Load, key_digest: str, levels: list[int]
 ) -> list[dict[str, Any]]:
-    from ray_app.serving.app import unused_loopback_port
+    from ray_app.runtime import unused_loopback_port
 
     port = unused_loopback_port()
     command = [

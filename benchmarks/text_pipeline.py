@@ -26,7 +26,8 @@ from load import closed_loop  # noqa: E402
 from ray_app.bundle import save_bundle  # noqa: E402
 from ray_app.demo_data import write_text_demo  # noqa: E402
 from ray_app.engine.prepare import prepared_dataset  # noqa: E402
-from ray_app.serving.app import build_app, unused_loopback_port  # noqa: E402
+from ray_app.runtime import unused_loopback_port  # noqa: E402
+from ray_app.serving.app import build_app  # noqa: E402
 from ray_app.workloads.text import TextOptions, TextWorkload, load_tokenizer, tokenize  # noqa: E402
 
 BATCH = 256

@@ -53,8 +53,7 @@ def setup(workload: str, third_party: list[str], project: list[str]) -> str:
     ours = sorted(
         [
             "from ray_app.cli import run_cli",
-            "from ray_app.runtime import connect",
-            "from ray_app.serving.app import unused_loopback_port",
+            "from ray_app.runtime import connect, unused_loopback_port",
             *project,
         ]
     )

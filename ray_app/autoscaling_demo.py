@@ -21,7 +21,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,16 +32,12 @@ from typing import Any
 
 import yaml
 
+from ray_app.runtime import unused_loopback_port
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "cluster" / "local-autoscaling.yaml"
 # The ray CLI of this Python environment (a venv's bin/), else the one on PATH.
 RAY = str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").exists() else shutil.which("ray") or "ray"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def auth_token() -> str:
@@ -88,7 +83,7 @@ def start_local_cluster(config: str | Path = DEFAULT_CONFIG, workdir: str | None
 
     The fake provider starts its worker nodes against the GCS at ``provider.gcs_address`` (6379
     when absent), so a copy of the config names the port picked here."""
-    port, dashboard_port = free_port(), free_port()
+    port, dashboard_port = unused_loopback_port(), unused_loopback_port()
     from ray.util import get_node_ip_address
 
     gcs_address = f"{get_node_ip_address()}:{port}"
@@ -113,8 +108,8 @@ def start_local_cluster(config: str | Path = DEFAULT_CONFIG, workdir: str | None
             f"--port={port}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard_port}",
-            f"--ray-client-server-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}",
+            f"--ray-client-server-port={unused_loopback_port()}",
+            f"--dashboard-agent-listen-port={unused_loopback_port()}",
             f"--autoscaling-config={config_copy}",
             "--disable-usage-stats",
         ],

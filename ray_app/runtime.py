@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import ray
 
@@ -33,3 +34,10 @@ def quiet_data_progress() -> None:
 
     if not os.isatty(2):
         DataContext.get_current().enable_progress_bars = False
+
+
+def unused_loopback_port() -> int:
+    """A 127.0.0.1 port nothing listens on now (tests, demos and benchmarks never assume a fixed port)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

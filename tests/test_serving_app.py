@@ -21,7 +21,8 @@ from ray import serve
 from schemathesis import GenerationMode
 
 from ray_app.cli import run_cli
-from ray_app.serving.app import build_app, unused_loopback_port
+from ray_app.runtime import unused_loopback_port
+from ray_app.serving.app import build_app
 
 APP_CONFIG = os.path.join(os.path.dirname(__file__), "..", "cluster", "serve", "app.yaml")
 API_KEY = secrets.token_urlsafe(16)  # made per run; only its digest goes into the app config
@@ -150,13 +151,13 @@ def test_alias_rollout_under_load_fails_no_request(base_url, trained_workspace, 
     assert set(versions[switched_at + 8 :]) == {2}
 
 
-def test_overload_gets_a_fast_503_not_a_queue(registry, demo_images):
+def test_overload_gets_a_fast_503_not_a_queue(base_url, registry, demo_images):
     """A second app whose gateway takes one request and queues one. Six clients send headers and
     never finish their bodies: at most two are admitted (one running, one queued), the rest get a
     503 at once instead of waiting; once the clients go away the app serves again."""
     args = app_args(registry, max_ongoing_requests=1, max_queued_requests=1, num_cpus=0)
     serve.run(build_app(args | {"workloads": {"image": {"num_cpus": 0.25}}}), name="tight", route_prefix="/tight")
-    url = serve_url("/tight/image/predict")
+    url = f"{base_url}/tight/image/predict"  # the same Serve proxy, another app
     held = [_hold_request(url) for _ in range(6)]
     try:
         statuses = [_status_within(sock, seconds=5) for sock in held]
@@ -180,13 +181,6 @@ def _status_within(sock: socket.socket, seconds: float) -> int | None:
     except TimeoutError:
         return None
     return int(head.split()[1]) if head.startswith(b"HTTP/") else -1
-
-
-def serve_url(path: str) -> str:
-    from ray.serve.context import _get_global_client
-
-    http = _get_global_client().http_config
-    return f"http://127.0.0.1:{http.port}{path}"
 
 
 def _hold_request(url: str) -> socket.socket:

@@ -9,7 +9,8 @@ import requests
 from ray import serve
 
 from ray_app.config import load_config
-from ray_app.serving.app import build_app, settings_from_config, unused_loopback_port
+from ray_app.runtime import unused_loopback_port
+from ray_app.serving.app import build_app, settings_from_config
 
 
 @pytest.fixture(scope="module")

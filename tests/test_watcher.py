@@ -17,7 +17,7 @@ import pytest
 from ray.job_submission import JobSubmissionClient
 
 from ray_app.demo_data import write_image_folders
-from ray_app.serving.app import unused_loopback_port
+from ray_app.runtime import unused_loopback_port
 from ray_app.watcher import WatchSettings, is_candidate, output_name, submission_id
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 from typing import Any
 
 from pydantic import Field
@@ -83,13 +82,6 @@ def build_app(args: dict[str, Any]) -> Application:
 
 def settings_from_config(config: AppConfig) -> dict[str, Any]:
     return {"workload": config.workload, "models": config.models_uri(), **config.serve.model_dump()}
-
-
-def unused_loopback_port() -> int:
-    """A 127.0.0.1 port nothing listens on now (tests and benchmarks never assume a fixed port)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start_http(s: ServeConfig, **http_options: Any) -> None:

@@ -203,12 +203,8 @@ class Gateway:
         limits = self._limits(workload)
         for attempt in range(1, MAX_ATTEMPTS + 1):
             response = getattr(self.models[workload], method).remote(*args)
-
-            async def answer(response=response) -> Any:
-                return await response
-
             try:
-                return await asyncio.wait_for(answer(), timeout=limits.request_timeout_s)
+                return await asyncio.wait_for(response, timeout=limits.request_timeout_s)
             except asyncio.TimeoutError:
                 response.cancel()
                 raise RequestError(503, f"no answer within {limits.request_timeout_s:g} s; retry later", {"Retry-After": "1"}) from None
