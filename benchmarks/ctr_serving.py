@@ -2,9 +2,14 @@
 per-item baseline), then serving latency: p50/p99 at concurrency 1, 16 and 64, the model's own
 in-process latency for one event, and the time from idle at zero replicas to the first answer.
 
-Serving is measured twice in the same run, each in a fresh Ray instance: Serve's defaults, and
-``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` (gRPC between proxy, gateway and replicas, request logs
-buffered, user code on the replica's event loop), which every Ray process must inherit at start.
+Serving is measured once per variant in the same run, each in a fresh Ray instance (every Ray
+process must inherit the variables at start):
+
+* ``default``: Serve's defaults (Python proxy actor -> gateway -> model replica);
+* ``throughput_optimized``: ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` (gRPC between deployments,
+  request logs buffered, user code on the replica's event loop);
+* ``haproxy``: the same plus ``RAY_SERVE_ENABLE_HA_PROXY=1``: HAProxy (C) takes the HTTP port and
+  forwards straight to the gateway replicas' own HTTP servers, so no Python proxy hop.
 
 Run: ``python benchmarks/ctr_serving.py [--rows 500000] [--seconds 10]``.
 """
@@ -24,7 +29,7 @@ import requests
 from ray import serve
 
 sys.path.insert(0, os.path.dirname(__file__))
-from load import closed_loop  # noqa: E402
+from load import closed_loop, have_wrk, wrk_closed_loop  # noqa: E402
 
 from ray_app.bundle import load_bundle  # noqa: E402
 from ray_app.config import load_config  # noqa: E402
@@ -60,8 +65,18 @@ def measure_serving(config, bodies: list[bytes], args: argparse.Namespace) -> di
         answer = requests.post(url, data=bodies[0], headers={"Content-Type": "application/json"}, timeout=120)
         cold.append(time.perf_counter() - t)
         assert answer.status_code == 200, answer.text
-    latency = [closed_loop(url, lambda i: (bodies[i % len(bodies)], "application/json"), c, args.seconds) for c in (1, 16, 64)]
+    if args.load_generator == "wrk":
+        latency = [wrk_closed_loop(url, bodies[:64], "application/json", c, args.seconds) for c in (1, 16, 64)]
+    else:
+        latency = [closed_loop(url, lambda i: (bodies[i % len(bodies)], "application/json"), c, args.seconds) for c in (1, 16, 64)]
     return {"cold_start_s": cold, "latency": latency}
+
+
+VARIANTS = {
+    "default": {},
+    "throughput_optimized": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    "haproxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
+}
 
 
 def main() -> None:
@@ -69,7 +84,13 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=500_000)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--cold-starts", type=int, default=3)
+    parser.add_argument(
+        "--load-generator", choices=["auto", "wrk", "python"], default="auto", help="auto: wrk when installed (a C client leaves the CPU to the server)"
+    )
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     args = parser.parse_args()
+    if args.load_generator == "auto":
+        args.load_generator = "wrk" if have_wrk() else "python"
     work = tempfile.mkdtemp(prefix="ray_app_ctr_bench_")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -124,7 +145,8 @@ def main() -> None:
 
     ray.shutdown()
     results["serving"] = {}
-    for variant, env in (("default", {}), ("throughput_optimized", {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"})):
+    for variant in args.variants:
+        env = VARIANTS[variant]
         os.environ.update(env)
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         results["serving"][variant] = measure_serving(config, bodies, args)
@@ -139,7 +161,8 @@ def main() -> None:
     )
     print(f"  AUC model {results['auc']:.4f}  |  true model {results['true_auc']:.4f}  |  per-item baseline {results['baseline_auc']:.4f}")
     print(f"  model reaches {results['auc'] / results['true_auc']:.3f} of the true model's AUC")
-    print(f"\nserving: model in-process p50 {results['inprocess_p50_ms']:.2f} ms per event")
+    results["load_generator"] = args.load_generator
+    print(f"\nserving ({args.load_generator} client): model in-process p50 {results['inprocess_p50_ms']:.2f} ms per event")
     for variant, measured in results["serving"].items():
         print(f"  [{variant}] cold start from zero replicas: " + ", ".join(f"{c:.2f}s" for c in measured["cold_start_s"]))
         for row in measured["latency"]:
@@ -147,11 +170,13 @@ def main() -> None:
                 f"  [{variant}] c={row['concurrency']:3d}: {row['req_per_s']:7.1f} req/s  p50 {row['p50_ms']:7.1f} ms  "
                 f"p99 {row['p99_ms']:7.1f} ms  failed {row['failed']}"
             )
-    default, optimized = (results["serving"][v]["latency"] for v in ("default", "throughput_optimized"))
-    for a, b in zip(default, optimized, strict=True):
-        print(f"  c={a['concurrency']:3d}: throughput-optimized / default = {b['req_per_s'] / a['req_per_s']:.2f}x req/s")
-    p50 = optimized[0]["p50_ms"]
-    print(f"  c=1 p50 over the in-process latency: {p50 - results['inprocess_p50_ms']:.1f} ms (throughput-optimized)")
+    first = args.variants[0]
+    for variant in args.variants:
+        measured = results["serving"][variant]["latency"]
+        if variant != first:
+            for a, b in zip(results["serving"][first]["latency"], measured, strict=True):
+                print(f"  c={a['concurrency']:3d}: {variant} / {first} = {b['req_per_s'] / a['req_per_s']:.2f}x req/s")
+        print(f"  [{variant}] c=1 p50 over the in-process latency: {measured[0]['p50_ms'] - results['inprocess_p50_ms']:.1f} ms")
     os.makedirs("benchmarks/results", exist_ok=True)
     with open("benchmarks/results/ctr_serving.json", "w") as f:
         json.dump(results, f, indent=2)

@@ -110,9 +110,10 @@ def request_bodies(case: str, count: int = 64) -> list[bytes]:
 
 
 # ---- the baseline server ----------------------------------------------------------------------
-def baseline_main(models: str, port: int, key_digest: str, threads: int) -> None:
+def baseline_main(models: str, port: int, key_digest: str, threads: int, device: str) -> None:
     """Plain FastAPI + uvicorn, 1 worker: read the body, decode, one forward pass, answer. The
-    forward runs inline (requests are served one at a time; torch uses every core unless told)."""
+    forward runs inline (requests are served one at a time; torch uses every core unless told),
+    on the same device the Serve replicas use."""
     import torch
     import uvicorn
 
@@ -122,7 +123,7 @@ def baseline_main(models: str, port: int, key_digest: str, threads: int) -> None
 
     if threads:
         torch.set_num_threads(threads)
-    bundle = load_bundle(resolve_model_uri(models, "image", "production"))
+    bundle = load_bundle(resolve_model_uri(models, "image", "production"), device)
     w = bundle.workload
     app = FastAPI()
 
@@ -187,17 +188,21 @@ class Load:
 
 
 # ---- Serve ------------------------------------------------------------------------------------
-def app_args(models: str, key_digest: str, replicas: int, replica_cpus: float) -> dict[str, Any]:
-    """cluster/serve/app.yaml's args with only the image workload, sized for 2 CPUs: a fixed number
-    of model replicas (no autoscaling during a measurement) and one gateway replica."""
+def app_args(args: argparse.Namespace, models: str, key_digest: str) -> dict[str, Any]:
+    """cluster/serve/app.yaml's args with only the image workload: a fixed number of model replicas
+    and gateway replicas (no autoscaling during a measurement). On CUDA the model replicas share
+    the GPU (num_gpus 1/replicas each), which is what puts the model on the GPU."""
     with open(APP_CONFIG) as f:
-        args = yaml.safe_load(f)["applications"][0]["args"]
-    args["models"] = models
-    args["workloads"] = {
-        "image": {**args["workloads"]["image"], "min_replicas": replicas, "max_replicas": replicas, "num_cpus": replica_cpus}
+        app = yaml.safe_load(f)["applications"][0]["args"]
+    app["models"] = models
+    n = args.replicas
+    gpus = 1 / n if args.device == "cuda" else 0
+    app["workloads"] = {
+        "image": {**app["workloads"]["image"], "min_replicas": n, "max_replicas": n, "num_cpus": args.replica_cpus, "num_gpus": gpus}
     }
-    args["gateway"].update(min_replicas=1, max_replicas=1, api_key_sha256=[key_digest])
-    return args
+    g = args.gateway_replicas
+    app["gateway"].update(min_replicas=g, max_replicas=g, api_key_sha256=[key_digest])
+    return app
 
 
 def running_replicas() -> int:
@@ -268,10 +273,10 @@ def serve_run(args: argparse.Namespace, registry: dict[str, Any], load: Load, ke
     os.environ.pop("RAY_ADDRESS", None)
     started = time.perf_counter()
     # address="local": never join another Ray instance running on this machine.
-    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.cpus, num_gpus=int(args.device == "cuda"), include_dashboard=False, log_to_driver=False)
     port = unused_loopback_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(app_args(registry["models"], key_digest, args.replicas, args.replica_cpus)), name=APP_NAME, route_prefix="/")
+    serve.run(build_app(app_args(args, registry["models"], key_digest)), name=APP_NAME, route_prefix="/")
     wait_http(f"http://127.0.0.1:{port}/healthz")
     out: dict[str, Any] = {"startup_s": time.perf_counter() - started}
     url = f"http://127.0.0.1:{port}/image/predict"
@@ -299,6 +304,7 @@ def baseline_run(
         str(port),
         key_digest,
         str(args.baseline_threads),
+        args.device,
     ]
     server = subprocess.Popen(command)
     try:
@@ -349,6 +355,7 @@ def throughput_optimized_ab(args: argparse.Namespace, off: dict[str, Any]) -> di
     command = [sys.executable, os.path.abspath(__file__), "--cases", "tiny", "--no-baseline", "--no-ab", "--no-plot"]
     command += ["--concurrency", *map(str, args.ab_concurrency), "--seconds", str(args.seconds), "--json", out]
     command += ["--load-generator", args.load_generator, "--replicas", str(args.replicas), "--replica-cpus", str(args.replica_cpus)]
+    command += ["--cpus", str(args.cpus), "--device", args.device, "--gateway-replicas", str(args.gateway_replicas)]
     if not args.kill:
         command.append("--no-kill")
     print("\n## A/B: tiny case with RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
@@ -405,6 +412,12 @@ def plot(path: str) -> None:
     plt.close(fig)
 
 
+def _gpu_name(device: str) -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name(0) if device == "cuda" else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
@@ -415,6 +428,8 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=2, help="num_cpus for ray.init")
     parser.add_argument("--replicas", type=int, default=2, help="model replicas (fixed: min = max)")
     parser.add_argument("--replica-cpus", type=float, default=0.5, help="num_cpus per model replica (gateway: 0.25)")
+    parser.add_argument("--gateway-replicas", type=int, default=1)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when torch sees a GPU")
     parser.add_argument("--load-generator", choices=["auto", "wrk", "python"], default="auto")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false")
     parser.add_argument("--no-kill", dest="kill", action="store_false", help="skip the replica-death run")
@@ -425,16 +440,20 @@ def main() -> None:
     parser.add_argument("--no-plot", dest="plot", action="store_false")
     parser.add_argument("--json", help="write all results here instead of benchmarks/results/serving_load_<case>.json")
     parser.add_argument("--baseline-threads", type=int, default=0, help="torch threads in the uvicorn baseline (0: torch's default)")
-    parser.add_argument("--baseline-server", nargs=4, metavar=("MODELS", "PORT", "KEY_SHA256", "THREADS"), help=argparse.SUPPRESS)
+    parser.add_argument("--baseline-server", nargs=5, metavar=("MODELS", "PORT", "KEY_SHA256", "THREADS", "DEVICE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.baseline_server:
-        models, port, digest, threads = args.baseline_server
-        baseline_main(models, int(port), digest, int(threads))
+        models, port, digest, threads, device = args.baseline_server
+        baseline_main(models, int(port), digest, int(threads), device)
         return
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
 
     generator = args.load_generator if args.load_generator != "auto" else ("wrk" if have_wrk() else "python")
     print(
-        f"load generator: {generator} ({'wrk, 1 thread, keep-alive' if generator == 'wrk' else 'Python threads + requests'}); {os.cpu_count()} CPUs"
+        f"load generator: {generator} ({'wrk, 1 thread, keep-alive' if generator == 'wrk' else 'Python threads + requests'}); {os.cpu_count()} CPUs; device {args.device}"
     )
     results = {}
     for case in args.cases:
@@ -445,6 +464,9 @@ def main() -> None:
             seconds_per_point=args.seconds,
             replicas=args.replicas,
             replica_cpus=args.replica_cpus,
+            gateway_replicas=args.gateway_replicas,
+            device=args.device,
+            gpu=_gpu_name(args.device),
             baseline_torch_threads=args.baseline_threads or "torch default",
         )
         if case == "tiny" and args.ab:

@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--keep-serving", action="store_true", help="leave the endpoint up until Ctrl-C")
+    parser.add_argument(
+        "--gpus", type=int, default=0, help="train on this many GPUs (one Ray Train worker each, CUDA + mixed precision); predict and serve on GPU"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     make_data, default_rows, default_epochs = DEMOS[args.workload]
@@ -154,7 +157,11 @@ def main(argv: list[str] | None = None) -> None:
             "workspace": args.workspace,
             "train.run_name": "demo",
             "train.epochs": args.epochs or default_epochs,
-            "train.num_workers": 2,
+            "train.num_workers": args.gpus or 2,
+            "train.use_gpu": args.gpus > 0,
+            "predict.use_gpu": args.gpus > 0,
+            "predict.concurrency": args.gpus or 2,
+            "serve.num_gpus": 1 if args.gpus else 0,
             "serve.port": args.port,
         },
     )
