@@ -442,6 +442,29 @@ def test_rayservice_serves_the_combined_app_from_cluster_storage():
         assert pack([replica] * workload.max_replicas, groups), name
 
 
+SERVE_FAST_PATH = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+
+def test_rayservice_pods_start_ray_with_the_haproxy_serving_path():
+    """The measured fast path (README, serving figures) must reach every Ray process: the variables
+    are read when Ray starts in each pod, so each container carries them."""
+    spec = kuberay("rayservice.yaml")["spec"]["rayClusterConfig"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert SERVE_FAST_PATH.items() <= env.items(), container["name"]
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_cloud_nodes_start_ray_with_the_haproxy_serving_path(name):
+    config = load(CLUSTER / name)
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [c for c in config[key] if "ray start" in c]
+        for variable, value in SERVE_FAST_PATH.items():
+            assert f"{variable}={value}" in start.split("ray start")[0], (key, variable)
+
+
 
 # ---------------------------------------------------------------- image
 
