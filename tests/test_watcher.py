@@ -6,21 +6,16 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
-import subprocess
-import sys
 import time
 
 import pyarrow.parquet as pq
 import pytest
-from ray.job_submission import JobSubmissionClient
+from ray_head import head_info, run, start_head, stop_head, wait_for
 
 from ray_app.demo_data import write_image_folders
-from ray_app.runtime import unused_loopback_port
 from ray_app.watcher import WatchSettings, is_candidate, output_name, submission_id
 
-RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 FINAL = {"SUCCEEDED", "FAILED", "STOPPED", "LOST"}
 
 
@@ -63,52 +58,10 @@ def test_settings_resolve_under_the_workspace_and_name_outputs_per_file(tmp_path
 # ---- on a cluster -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("watch")
-    token = folder / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_DEDUP_LOGS": "1"}
-    env.pop("RAY_ADDRESS", None)
-    info = {"folder": folder, "env": env, "token": token.read_text()}
+    info = head_info(tmp_path_factory.mktemp("watch"))
     start_head(info)
     yield info
-    subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
-
-
-def start_head(info: dict) -> None:
-    port, dashboard = unused_loopback_port(), unused_loopback_port()
-    subprocess.run(
-        [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", f"--ray-client-server-port={unused_loopback_port()}",
-         f"--dashboard-agent-listen-port={unused_loopback_port()}", "--num-cpus=4", "--disable-usage-stats"],
-        env=info["env"], check=True, capture_output=True, timeout=180,
-    )  # fmt: skip
-    info["address"] = f"127.0.0.1:{port}"
-    info["dashboard"] = f"http://127.0.0.1:{dashboard}"
-    info["client"] = wait_for(lambda: jobs_client(info), "the Jobs API")
-
-
-def jobs_client(info: dict) -> JobSubmissionClient | None:
-    try:
-        return JobSubmissionClient(info["dashboard"], headers={"Authorization": f"Bearer {info['token']}"})
-    except (ConnectionError, RuntimeError):
-        return None
-
-
-def wait_for(probe, what: str, limit_s: float = 240):
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"gave up waiting for {what}")
-
-
-def run(info: dict, *argv: str) -> subprocess.CompletedProcess:
-    """A client command against the cluster, as a user would run it (token auth in its env)."""
-    done = subprocess.run([sys.executable, *argv], env=info["env"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
+    stop_head(info)
 
 
 def records(state: str) -> dict[str, dict]:
@@ -184,7 +137,7 @@ def test_one_job_per_uploaded_file_exactly_once_across_restarts(cluster):
     # The whole cluster wiped (Ray forgets every job): the records alone prevent re-runs. Also left
     # behind: a pass that died between its two writes (d.png recorded SUBMITTING, never sent: it
     # is submitted now, once) and a job that was running when the cluster went (LOST, not re-run).
-    subprocess.run([RAY, "stop", "--force"], env=cluster["env"], capture_output=True, timeout=120)
+    stop_head(cluster)
     start_head(cluster)
     shutil.copy(digits[3], uploads / "d.png")
     d = os.stat(uploads / "d.png")

@@ -1,0 +1,152 @@
+"""``serve deploy cluster/serve/app.yaml`` to a running cluster started the way the cluster configs
+start Ray: token auth on, and Serve's fast path (HAProxy ingress straight to the gateway replicas,
+gRPC between deployments). Then a version pin through ``user_config`` under steady load.
+
+The model is untrained and tiny (only the serving path is under test here); the registry holds it
+as version 1 and again as version 2, which alias ``production`` points to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+import requests
+import yaml
+from ray_head import head_info, run, start_head, stop_head, wait_for
+
+from ray_app.registry import ModelRegistry
+from ray_app.runtime import unused_loopback_port
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+from serving_load import APP_CONFIG, build_registry, request_bodies  # noqa: E402
+
+pytestmark = pytest.mark.own_cluster
+
+FAST_PATH = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+API_KEY = "deploy-test-key"
+
+
+def app_config(models: str, port: int, pin: str | None = None) -> dict:
+    """cluster/serve/app.yaml as shipped, narrowed to the image workload on one small replica."""
+    with open(APP_CONFIG) as f:
+        config = yaml.safe_load(f)
+    config["http_options"]["port"] = port
+    (app,) = config["applications"]
+    app["args"]["models"] = models
+    app["args"]["workloads"] = {"image": {**app["args"]["workloads"]["image"], "num_cpus": 0.5, "max_replicas": 1}}
+    app["args"]["gateway"].update(max_replicas=1, api_key_sha256=[hashlib.sha256(API_KEY.encode()).hexdigest()])
+    if pin:
+        app["deployments"] = [{"name": "image-model", "user_config": {"model": pin}}]
+    return config
+
+
+def replica_pids() -> set[int]:
+    return {p.pid for p in psutil.process_iter(["cmdline"]) if "ServeReplica:ray_app:image-model" in " ".join(p.info["cmdline"] or [])}
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("deploy")
+    # HAProxy's stats and Prometheus listeners default to fixed ports (8404, 9101): free ones here.
+    ports = {"RAY_SERVE_HAPROXY_STATS_PORT": str(unused_loopback_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(unused_loopback_port())}
+    info = head_info(folder, **FAST_PATH, **ports)
+    start_head(info, num_cpus=2)
+    try:
+        models = build_registry(str(folder / "registry"), "tiny", 16)["models"]
+        ModelRegistry(models).register("image", str(folder / "registry" / "bundle"), {"run_name": "v2"}, alias="production")
+        port = unused_loopback_port()
+        info.update(models=models, port=port, url=f"http://127.0.0.1:{port}", bodies=request_bodies("tiny", 8))
+        config = folder / "app.yaml"
+        config.write_text(yaml.safe_dump(app_config(models, port)))
+        run(info, "serve", "deploy", str(config), "--address", info["dashboard"])
+        wait_for(lambda: healthy(info["url"]), "the deployed app's /healthz", limit_s=180)
+        yield info
+    finally:
+        haproxies = [p for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "haproxy" and "haproxy-serve" in str(p.info["cmdline"])]
+        stop_head(info)
+        # `ray stop --force` leaves HAProxy running (Ray 2.60): it would hold the port.
+        for p in haproxies:
+            p.kill()
+
+
+def healthy(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/healthz", timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def post(info: dict, body: bytes, key: str | None = API_KEY) -> requests.Response:
+    headers = {"Content-Type": "image/png", **({"Authorization": f"Bearer {key}"} if key else {})}
+    return requests.post(f"{info['url']}/image/predict", data=body, headers=headers, timeout=30)
+
+
+def test_serve_deploy_answers_through_haproxy_with_auth(deployed):
+    answer = post(deployed, deployed["bodies"][0])
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["model"] == {"workload": "image", "version": 2}  # alias production -> 2
+    assert len(answer.json()["predictions"]) == 3
+    assert post(deployed, deployed["bodies"][0], key=None).status_code == 401
+    assert post(deployed, deployed["bodies"][0], key="wrong").status_code == 403
+    # HAProxy, not Serve's Python proxy, owns the HTTP port, and only on loopback (http_options.host).
+    (listener,) = [c for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == deployed["port"]]
+    assert psutil.Process(listener.pid).name() == "haproxy"
+    assert listener.laddr.ip == "127.0.0.1"
+
+
+def test_bad_body_gets_json_422_and_the_app_keeps_serving(deployed):
+    answer = post(deployed, b"<html>not an image</html>")
+    assert answer.status_code == 422
+    assert "not an image" in answer.json()["error"]["message"]
+    assert post(deployed, deployed["bodies"][1]).status_code == 200
+
+
+def test_pinning_a_version_by_redeploy_reconfigures_in_place_with_zero_failures(deployed):
+    """``deployments: [{name: image-model, user_config: {model: "1"}}]`` + ``serve deploy`` again, as
+    the comment in app.yaml tells users: a lightweight update, no replica restart, no failed request."""
+    before = replica_pids()
+    assert len(before) == 1
+    answers: list[tuple[int, int | None]] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        session, n = requests.Session(), 0
+        while not stop.is_set():
+            body = deployed["bodies"][n % len(deployed["bodies"])]
+            n += 1
+            r = session.post(
+                f"{deployed['url']}/image/predict",
+                data=body,
+                headers={"Content-Type": "image/png", "Authorization": f"Bearer {API_KEY}"},
+                timeout=30,
+            )
+            answers.append((r.status_code, r.json().get("model", {}).get("version") if r.status_code == 200 else None))
+
+    clients = [threading.Thread(target=client) for _ in range(2)]
+    for t in clients:
+        t.start()
+    try:
+        time.sleep(2)
+        pinned = deployed["folder"] / "app_pinned.yaml"
+        pinned.write_text(yaml.safe_dump(app_config(deployed["models"], deployed["port"], pin="1")))
+        run(deployed, "serve", "deploy", str(pinned), "--address", deployed["dashboard"])
+        wait_for(lambda: answers and answers[-1][1] == 1, "answers from the pinned version 1", limit_s=120)
+        time.sleep(2)
+    finally:
+        stop.set()
+        for t in clients:
+            t.join(timeout=60)
+    statuses = [status for status, _ in answers]
+    assert statuses.count(200) == len(statuses) > 20, {s: statuses.count(s) for s in set(statuses)}
+    versions = [v for _, v in answers]
+    switches = [i for i in range(1, len(versions)) if versions[i] != versions[i - 1]]
+    assert versions[0] == 2 and versions[-1] == 1
+    # Two clients can interleave one old answer after the first new one, no more.
+    assert len(switches) <= 3, versions
+    assert replica_pids() == before, "the pin reconfigured the running replica; it did not replace it"
