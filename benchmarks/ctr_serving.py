@@ -38,7 +38,7 @@ from ray_app.engine.prepare import run_prepare  # noqa: E402
 from ray_app.engine.register import run_register  # noqa: E402
 from ray_app.engine.train import run_train  # noqa: E402
 from ray_app.registry import resolve_model_uri  # noqa: E402
-from ray_app.runtime import unused_loopback_port  # noqa: E402
+from ray_app.runtime import SERVE_FAST_PATH_ENV, unused_loopback_port  # noqa: E402
 from ray_app.serving.app import run_serve  # noqa: E402
 from ray_app.workloads.ctr_data import CRITEO_OPTIONS, generate_block, generate_criteo  # noqa: E402
 
@@ -75,7 +75,7 @@ def measure_serving(config, bodies: list[bytes], args: argparse.Namespace) -> di
 VARIANTS = {
     "default": {},
     "throughput_optimized": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
-    "haproxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
+    "haproxy": SERVE_FAST_PATH_ENV,
 }
 
 

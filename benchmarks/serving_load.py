@@ -9,8 +9,15 @@ temporary registry under alias ``production``:
 * ``tiny``: 28×28×1 PNGs into the default image model (width 16): HTTP overhead dominates
 
 For each: a concurrency sweep (throughput, p50/p99, failures per point), then one model replica
-killed mid-run at c=16 (the gateway should retry, so nothing fails). With ``--ab`` the tiny case is
-also measured with ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` (a fresh Ray, env set before ``ray.init``).
+killed mid-run at c=16 (the gateway should retry, so nothing fails).
+
+``--fast-path`` runs Serve on its fast path (``ray_app.runtime.SERVE_FAST_PATH_ENV``: HAProxy ingress
+straight to the gateway replicas, gRPC between deployments), as the cluster configs do; by default
+Serve's Python proxy actor takes the HTTP port. ``--ab`` measures each case's Serve side again in
+the other mode (a child process: a fresh Ray that inherits the variables at start).
+
+On a GPU machine: ``--cpus 16 --replicas 4 --replica-cpus 2 --gateway-replicas 4`` (the model
+replicas share the GPU, 1/replicas each).
 
 Run: ``python benchmarks/serving_load.py [--cases big tiny] [--seconds 8] [--concurrency 1 4 16 32 64]``.
 Writes benchmarks/results/serving_load_<case>.json and serving_load.png (every case found there).
@@ -40,6 +47,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
 from load import closed_loop, have_wrk, wrk_closed_loop  # noqa: E402
+
+from ray_app.runtime import SERVE_FAST_PATH_ENV  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 APP_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "cluster", "serve", "app.yaml")
@@ -335,7 +344,7 @@ def run_case(args: argparse.Namespace, case: str, generator: str) -> dict[str, A
         "title": CASES[case]["title"],
         "model": {k: registry[k] for k in ("params", "gmacs", "options")},
         "body_bytes_mean": float(np.mean([len(b) for b in bodies])),
-        "throughput_optimized": os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0") == "1",
+        "serve_mode": serve_mode(),
     }
     if args.baseline:
         result["baseline"] = baseline_run(args, registry, load, key_digest, args.concurrency)
@@ -348,29 +357,36 @@ def run_case(args: argparse.Namespace, case: str, generator: str) -> dict[str, A
     return result
 
 
-def throughput_optimized_ab(args: argparse.Namespace, off: dict[str, Any]) -> dict[str, Any]:
-    """The tiny case's Serve side again, in a child process with RAY_SERVE_THROUGHPUT_OPTIMIZED=1
-    in its environment before Ray starts (so the controller, proxy and replicas inherit it)."""
-    out = os.path.join(tempfile.mkdtemp(prefix="ray_app_serving_ab_"), "on.json")
-    command = [sys.executable, os.path.abspath(__file__), "--cases", "tiny", "--no-baseline", "--no-ab", "--no-plot"]
-    command += ["--concurrency", *map(str, args.ab_concurrency), "--seconds", str(args.seconds), "--json", out]
-    command += ["--load-generator", args.load_generator, "--replicas", str(args.replicas), "--replica-cpus", str(args.replica_cpus)]
-    command += ["--cpus", str(args.cpus), "--device", args.device, "--gateway-replicas", str(args.gateway_replicas)]
-    if not args.kill:
-        command.append("--no-kill")
-    print("\n## A/B: tiny case with RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
-    subprocess.run(command, check=True, env={**os.environ, "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"})
+def serve_mode() -> str:
+    return "fast" if all(os.environ.get(k) == v for k, v in SERVE_FAST_PATH_ENV.items()) else "default"
+
+
+def serve_mode_ab(args: argparse.Namespace, case: str, first: dict[str, Any]) -> dict[str, Any]:
+    """The case's Serve side again in the other serving mode, in a child process whose Ray
+    inherits (or lacks) the fast-path variables from the start."""
+    other = "default" if serve_mode() == "fast" else "fast"
+    env = {k: v for k, v in os.environ.items() if k not in SERVE_FAST_PATH_ENV}
+    if other == "fast":
+        env.update(SERVE_FAST_PATH_ENV)
+    out = os.path.join(tempfile.mkdtemp(prefix="ray_app_serving_ab_"), "other.json")
+    command = [sys.executable, os.path.abspath(__file__), "--cases", case, "--no-baseline", "--no-ab", "--no-plot", "--json", out]
+    command += ["--concurrency", *map(str, args.ab_concurrency), "--seconds", str(args.seconds), "--load-generator", args.load_generator]
+    command += ["--replicas", str(args.replicas), "--replica-cpus", str(args.replica_cpus), "--gateway-replicas", str(args.gateway_replicas)]
+    command += ["--cpus", str(args.cpus), "--device", args.device, *([] if args.kill else ["--no-kill"])]
+    print(f"\n## A/B: {case} case, Serve in its {other} mode")
+    subprocess.run(command, check=True, env=env)
     with open(out) as f:
-        on = json.load(f)["tiny"]["serve"]
+        measured = json.load(f)[case]["serve"]
     rows = []
     for c in args.ab_concurrency:
-        a, b = at(off["serve"]["sweep"], c), at(on["sweep"], c)
+        a, b = at(first["serve"]["sweep"], c), at(measured["sweep"], c)
         if a and b:
-            rows.append({"concurrency": c, "off": a, "on": b, "ratio": b["req_per_s"] / a["req_per_s"]})
+            rows.append({"concurrency": c, "first": a, "other": b, "ratio": b["req_per_s"] / a["req_per_s"]})
             print(
-                f"  c={c:3d}: off {a['req_per_s']:7.1f} req/s p50 {a['p50_ms']:6.1f} ms | on {b['req_per_s']:7.1f} req/s p50 {b['p50_ms']:6.1f} ms | on/off {rows[-1]['ratio']:.2f}x"
+                f"  c={c:3d}: {first['serve_mode']} {a['req_per_s']:7.1f} req/s p50 {a['p50_ms']:6.1f} ms | "
+                f"{other} {b['req_per_s']:7.1f} req/s p50 {b['p50_ms']:6.1f} ms | {other}/{first['serve_mode']} {rows[-1]['ratio']:.2f}x"
             )
-    return {"points": rows, "on": on}
+    return {"mode": other, "points": rows, "serve": measured}
 
 
 # ---- output -----------------------------------------------------------------------------------
@@ -390,11 +406,11 @@ def plot(path: str) -> None:
         return
     fig, axes = plt.subplots(len(cases), 2, figsize=(11, 4 * len(cases)), squeeze=False)
     for row, r in zip(axes, cases, strict=True):
-        series = [("Ray Serve (batched)", r["serve"]["sweep"], "tab:blue")]
+        series = [(f"Ray Serve, {r.get('serve_mode', 'default')} path", r["serve"]["sweep"], "tab:blue")]
         if "baseline" in r:
             series.append(("FastAPI + uvicorn (1 worker)", r["baseline"], "tab:orange"))
-        if "throughput_optimized_ab" in r:
-            series.append(("Serve, THROUGHPUT_OPTIMIZED=1", r["throughput_optimized_ab"]["on"]["sweep"], "tab:green"))
+        if "serve_mode_ab" in r:
+            series.append((f"Ray Serve, {r['serve_mode_ab']['mode']} path", r["serve_mode_ab"]["serve"]["sweep"], "tab:green"))
         for label, points, color in series:
             c = [p["concurrency"] for p in points]
             row[0].plot(c, [p["req_per_s"] for p in points], "o-", color=color, label=label)
@@ -435,7 +451,8 @@ def main() -> None:
     parser.add_argument("--no-kill", dest="kill", action="store_false", help="skip the replica-death run")
     parser.add_argument("--kill-seconds", type=float, default=10)
     parser.add_argument("--kill-after", type=float, default=4)
-    parser.add_argument("--no-ab", dest="ab", action="store_false", help="skip the RAY_SERVE_THROUGHPUT_OPTIMIZED A/B (tiny case)")
+    parser.add_argument("--fast-path", action="store_true", help="Serve on its fast path (HAProxy ingress, gRPC), as the cluster configs run it")
+    parser.add_argument("--no-ab", dest="ab", action="store_false", help="skip measuring Serve in the other mode too")
     parser.add_argument("--ab-concurrency", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--no-plot", dest="plot", action="store_false")
     parser.add_argument("--json", help="write all results here instead of benchmarks/results/serving_load_<case>.json")
@@ -446,6 +463,8 @@ def main() -> None:
         models, port, digest, threads, device = args.baseline_server
         baseline_main(models, int(port), digest, int(threads), device)
         return
+    if args.fast_path:
+        os.environ.update(SERVE_FAST_PATH_ENV)  # before any ray.init: every Ray process inherits it
     if args.device == "auto":
         import torch
 
@@ -469,8 +488,8 @@ def main() -> None:
             gpu=_gpu_name(args.device),
             baseline_torch_threads=args.baseline_threads or "torch default",
         )
-        if case == "tiny" and args.ab:
-            r["throughput_optimized_ab"] = throughput_optimized_ab(args, r)
+        if args.ab:
+            r["serve_mode_ab"] = serve_mode_ab(args, case, r)
         results[case] = r
     if args.json:
         with open(args.json, "w") as f:

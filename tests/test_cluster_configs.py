@@ -20,6 +20,8 @@ import pytest
 import ray
 import yaml
 
+from ray_app.runtime import SERVE_FAST_PATH_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 CRD_DIR = Path(__file__).resolve().parents[2] / "shared" / "kuberay-crds"
@@ -442,9 +444,6 @@ def test_rayservice_serves_the_combined_app_from_cluster_storage():
         assert pack([replica] * workload.max_replicas, groups), name
 
 
-SERVE_FAST_PATH = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
-
-
 def test_rayservice_pods_start_ray_with_the_haproxy_serving_path():
     """The measured fast path (README, serving figures) must reach every Ray process: the variables
     are read when Ray starts in each pod, so each container carries them."""
@@ -453,7 +452,7 @@ def test_rayservice_pods_start_ray_with_the_haproxy_serving_path():
     for group in groups:
         for container in group["template"]["spec"]["containers"]:
             env = {e["name"]: e.get("value") for e in container.get("env", [])}
-            assert SERVE_FAST_PATH.items() <= env.items(), container["name"]
+            assert SERVE_FAST_PATH_ENV.items() <= env.items(), container["name"]
 
 
 @pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
@@ -461,7 +460,7 @@ def test_cloud_nodes_start_ray_with_the_haproxy_serving_path(name):
     config = load(CLUSTER / name)
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         (start,) = [c for c in config[key] if "ray start" in c]
-        for variable, value in SERVE_FAST_PATH.items():
+        for variable, value in SERVE_FAST_PATH_ENV.items():
             assert f"{variable}={value}" in start.split("ray start")[0], (key, variable)
 
 

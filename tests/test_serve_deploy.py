@@ -21,14 +21,13 @@ import yaml
 from ray_head import head_info, run, start_head, stop_head, wait_for
 
 from ray_app.registry import ModelRegistry
-from ray_app.runtime import unused_loopback_port
+from ray_app.runtime import SERVE_FAST_PATH_ENV, unused_loopback_port
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 from serving_load import APP_CONFIG, build_registry, request_bodies  # noqa: E402
 
 pytestmark = pytest.mark.own_cluster
 
-FAST_PATH = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 API_KEY = "deploy-test-key"
 
 
@@ -55,7 +54,7 @@ def deployed(tmp_path_factory):
     folder = tmp_path_factory.mktemp("deploy")
     # HAProxy's stats and Prometheus listeners default to fixed ports (8404, 9101): free ones here.
     ports = {"RAY_SERVE_HAPROXY_STATS_PORT": str(unused_loopback_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(unused_loopback_port())}
-    info = head_info(folder, **FAST_PATH, **ports)
+    info = head_info(folder, **SERVE_FAST_PATH_ENV, **ports)
     start_head(info, num_cpus=2)
     try:
         models = build_registry(str(folder / "registry"), "tiny", 16)["models"]
