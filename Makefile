@@ -55,9 +55,11 @@ bench: setup
 	$(BIN)/python benchmarks/image_pipeline.py
 	$(BIN)/python benchmarks/text_pipeline.py
 
-# Serve vs FastAPI+uvicorn under load, replica death; uses wrk when installed (apt-get install wrk).
+# Serve (fast path, then the default path) vs FastAPI+uvicorn under load, replica death; uses wrk
+# when installed (apt-get install wrk). Then the click endpoint: latency, cold start from zero.
 bench-serving: setup
-	$(BIN)/python benchmarks/serving_load.py
+	$(BIN)/python benchmarks/serving_load.py --fast-path --ab
+	$(BIN)/python benchmarks/ctr_serving.py --rows 100000
 
 clean:
 	rm -rf $(VENV) workspace .pytest_cache

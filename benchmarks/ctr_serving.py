@@ -85,7 +85,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--cold-starts", type=int, default=3)
     parser.add_argument(
-        "--load-generator", choices=["auto", "wrk", "python"], default="auto", help="auto: wrk when installed (a C client leaves the CPU to the server)"
+        "--load-generator",
+        choices=["auto", "wrk", "python"],
+        default="auto",
+        help="auto: wrk when installed (a C client leaves the CPU to the server)",
     )
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     args = parser.parse_args()

@@ -371,7 +371,14 @@ def serve_mode_ab(args: argparse.Namespace, case: str, first: dict[str, Any]) ->
     out = os.path.join(tempfile.mkdtemp(prefix="ray_app_serving_ab_"), "other.json")
     command = [sys.executable, os.path.abspath(__file__), "--cases", case, "--no-baseline", "--no-ab", "--no-plot", "--json", out]
     command += ["--concurrency", *map(str, args.ab_concurrency), "--seconds", str(args.seconds), "--load-generator", args.load_generator]
-    command += ["--replicas", str(args.replicas), "--replica-cpus", str(args.replica_cpus), "--gateway-replicas", str(args.gateway_replicas)]
+    command += [
+        "--replicas",
+        str(args.replicas),
+        "--replica-cpus",
+        str(args.replica_cpus),
+        "--gateway-replicas",
+        str(args.gateway_replicas),
+    ]
     command += ["--cpus", str(args.cpus), "--device", args.device, *([] if args.kill else ["--no-kill"])]
     print(f"\n## A/B: {case} case, Serve in its {other} mode")
     subprocess.run(command, check=True, env=env)
@@ -451,7 +458,9 @@ def main() -> None:
     parser.add_argument("--no-kill", dest="kill", action="store_false", help="skip the replica-death run")
     parser.add_argument("--kill-seconds", type=float, default=10)
     parser.add_argument("--kill-after", type=float, default=4)
-    parser.add_argument("--fast-path", action="store_true", help="Serve on its fast path (HAProxy ingress, gRPC), as the cluster configs run it")
+    parser.add_argument(
+        "--fast-path", action="store_true", help="Serve on its fast path (HAProxy ingress, gRPC), as the cluster configs run it"
+    )
     parser.add_argument("--no-ab", dest="ab", action="store_false", help="skip measuring Serve in the other mode too")
     parser.add_argument("--ab-concurrency", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--no-plot", dest="plot", action="store_false")

@@ -144,7 +144,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--keep-serving", action="store_true", help="leave the endpoint up until Ctrl-C")
     parser.add_argument(
-        "--gpus", type=int, default=0, help="train on this many GPUs (one Ray Train worker each, CUDA + mixed precision); predict and serve on GPU"
+        "--gpus",
+        type=int,
+        default=0,
+        help="train on this many GPUs (one Ray Train worker each, CUDA + mixed precision); predict and serve on GPU",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

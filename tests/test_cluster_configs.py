@@ -464,7 +464,6 @@ def test_cloud_nodes_start_ray_with_the_haproxy_serving_path(name):
             assert f"{variable}={value}" in start.split("ray start")[0], (key, variable)
 
 
-
 # ---------------------------------------------------------------- image
 
 

@@ -67,7 +67,9 @@ def deployed(tmp_path_factory):
         wait_for(lambda: healthy(info["url"]), "the deployed app's /healthz", limit_s=180)
         yield info
     finally:
-        haproxies = [p for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "haproxy" and "haproxy-serve" in str(p.info["cmdline"])]
+        haproxies = [
+            p for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "haproxy" and "haproxy-serve" in str(p.info["cmdline"])
+        ]
         stop_head(info)
         # `ray stop --force` leaves HAProxy running (Ray 2.60): it would hold the port.
         for p in haproxies:
