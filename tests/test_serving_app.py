@@ -173,6 +173,27 @@ def test_overload_gets_a_fast_503_not_a_queue(base_url, registry, demo_images):
     serve.delete("tight")
 
 
+def test_model_call_past_request_timeout_gets_503_not_a_hung_client(base_url, registry, demo_images):
+    """A third app whose image model waits 3 s to fill a batch but whose gateway gives a model call
+    0.5 s: a lone request is answered 503 (with Retry-After) after about 0.5 s, not after the batch
+    window, and the app keeps answering its health checks."""
+    args = app_args(registry, num_cpus=0)
+    slow = {"request_timeout_s": 0.5, "batch_wait_timeout_s": 3.0, "max_batch_size": 32, "num_cpus": 0.25}
+    serve.run(build_app(args | {"workloads": {"image": slow}}), name="slow", route_prefix="/slow")
+    try:
+        for _ in range(2):  # and again: the cancelled call left nothing stuck behind it
+            started = time.monotonic()
+            answer = requests.post(f"{base_url}/slow/image/predict", data=_digit(demo_images, "4"), headers=AUTH, timeout=30)
+            waited = time.monotonic() - started
+            assert answer.status_code == 503, answer.text
+            assert answer.headers["Retry-After"] == "1"
+            assert answer.json()["error"]["message"] == "no answer within 0.5 s; retry later"
+            assert waited < 2.5, f"answered after {waited:.1f} s: the gateway waited for the batch window"
+        assert requests.get(f"{base_url}/slow/healthz", timeout=30).status_code == 200
+    finally:
+        serve.delete("slow")
+
+
 def _status_within(sock: socket.socket, seconds: float) -> int | None:
     """The HTTP status the server sent on this connection, or None if it is still working on it."""
     sock.settimeout(seconds)
