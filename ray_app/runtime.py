@@ -17,8 +17,8 @@ log = logging.getLogger(__name__)
 # Serve's Python proxy actor, and deployments call each other over gRPC. Measured: the Python proxy
 # caps near 160 req/s even on 16 cores; with this, 1,250-1,480 req/s (README, serving figures).
 # Trade-offs, hence on in the cluster configs but not for a local `ray-app serve`: HAProxy's stats
-# and Prometheus listeners bind all interfaces (RAY_SERVE_HAPROXY_STATS_PORT / _METRICS_PORT), and
-# `ray stop` leaves the haproxy process running.
+# and Prometheus listeners bind all interfaces (RAY_SERVE_HAPROXY_STATS_PORT / _METRICS_PORT), its
+# admin socket in /tmp/haproxy-serve is world-writable, and `ray stop` leaves haproxy running.
 SERVE_FAST_PATH_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
