@@ -123,7 +123,7 @@ IMAGE = [
         "project's CLI in this process (`ray_app.cli.run_cli`, the same code as `ray-app image <stage>`) "
         "and looks at what it wrote. Everything goes under `./workspace/notebook-image`.",
     ),
-    ("code", setup("image", ["from PIL import Image"], ["from ray_app.demo_data import write_image_folders"])),
+    ("code", setup("image", ["from PIL import Image"], ["from ray_app.demo_data import first_digit_file, write_image_folders"])),
     *CONNECT,
     (
         "md",
@@ -138,9 +138,7 @@ IMAGE = [
         "print(write_image_folders(DATA, limit=800))\n\n"
         "fig, axes = plt.subplots(1, 10, figsize=(12, 1.6))\n"
         "for ax, digit in zip(axes, map(str, range(10)), strict=True):\n"
-        "    folder = os.path.join(DATA, digit)\n"
-        "    first = sorted(f for f in os.listdir(folder) if f[0].isdigit())[0]\n"
-        '    ax.imshow(Image.open(os.path.join(folder, first)), cmap="gray")\n'
+        '    ax.imshow(Image.open(first_digit_file(DATA, digit)), cmap="gray")\n'
         "    ax.set_title(digit)\n"
         '    ax.axis("off")\n'
         "plt.show()",

@@ -40,10 +40,10 @@ DEFAULT_CONFIG = REPO_ROOT / "cluster" / "local-autoscaling.yaml"
 RAY = str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").exists() else shutil.which("ray") or "ray"
 
 
-def auth_token() -> str:
+def auth_token(env: dict[str, str] | None = None) -> str:
     """The cluster token as Ray resolves it (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
     ~/.ray/auth_token); one is generated in ~/.ray/auth_token when there is none yet."""
-    out = subprocess.run([RAY, "get-auth-token", "--generate"], check=True, capture_output=True, text=True)
+    out = subprocess.run([RAY, "get-auth-token", "--generate"], check=True, capture_output=True, text=True, env=env)
     return out.stdout.strip()
 
 
@@ -78,54 +78,47 @@ class LocalCluster:
         return sorted(node.node_id for node in nodes)
 
 
+def start_head(port: int, *args: str, env: dict[str, str] | None = None, node_ip: str | None = None) -> LocalCluster:
+    """``ray start --head`` with token auth, the GCS on ``port`` and every other port picked free
+    (dashboard on 127.0.0.1); returns once the dashboard answers. ``args`` go to ``ray start``."""
+    from ray.util import get_node_ip_address
+
+    env = {**(os.environ if env is None else env), "RAY_AUTH_MODE": "token"}
+    dashboard_port = unused_loopback_port()
+    command = [RAY, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
+    command += [f"--ray-client-server-port={unused_loopback_port()}", f"--dashboard-agent-listen-port={unused_loopback_port()}"]
+    command += [*([f"--node-ip-address={node_ip}"] if node_ip else []), *args, "--disable-usage-stats"]
+    started = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=180)
+    if started.returncode != 0:
+        raise RuntimeError(f"ray start failed ({started.returncode}):\n{started.stdout[-2000:]}\n{started.stderr[-2000:]}")
+    gcs_address = f"{node_ip or get_node_ip_address()}:{port}"
+    cluster = LocalCluster(gcs_address, f"http://127.0.0.1:{dashboard_port}", {"Authorization": f"Bearer {auth_token(env)}"})
+    _wait_for_dashboard(cluster)
+    return cluster
+
+
 def start_local_cluster(config: str | Path = DEFAULT_CONFIG, workdir: str | None = None) -> LocalCluster:
     """``RAY_FAKE_CLUSTER=1 ray start --head --num-cpus=0 --autoscaling-config=...`` on free ports.
 
     The fake provider starts its worker nodes against the GCS at ``provider.gcs_address`` (6379
     when absent), so a copy of the config names the port picked here."""
-    port, dashboard_port = unused_loopback_port(), unused_loopback_port()
     from ray.util import get_node_ip_address
 
-    gcs_address = f"{get_node_ip_address()}:{port}"
+    port = unused_loopback_port()
     cluster_config = yaml.safe_load(Path(config).read_text())
-    cluster_config["provider"]["gcs_address"] = gcs_address
+    cluster_config["provider"]["gcs_address"] = f"{get_node_ip_address()}:{port}"
     workdir = workdir or tempfile.mkdtemp(prefix="ray-app-cluster-")
     config_copy = Path(workdir) / "autoscaling.yaml"
     config_copy.write_text(yaml.safe_dump(cluster_config, sort_keys=False))
-    token = auth_token()
     env = {
         **os.environ,
         "RAY_FAKE_CLUSTER": "1",
         "AUTOSCALER_UPDATE_INTERVAL_S": "1",  # the autoscaler looks every second, not every 5
-        "RAY_AUTH_MODE": "token",
     }
-    started = subprocess.run(
-        [
-            RAY,
-            "start",
-            "--head",
-            "--num-cpus=0",
-            f"--port={port}",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard_port}",
-            f"--ray-client-server-port={unused_loopback_port()}",
-            f"--dashboard-agent-listen-port={unused_loopback_port()}",
-            f"--autoscaling-config={config_copy}",
-            "--disable-usage-stats",
-        ],
-        check=False,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    if started.returncode != 0:
-        raise RuntimeError(f"ray start failed ({started.returncode}):\n{started.stdout[-2000:]}\n{started.stderr[-2000:]}")
-    cluster = LocalCluster(gcs_address, f"http://127.0.0.1:{dashboard_port}", {"Authorization": f"Bearer {token}"})
-    _wait_for_dashboard(cluster)
-    return cluster
+    return start_head(port, "--num-cpus=0", f"--autoscaling-config={config_copy}", env=env)
 
 
-def _wait_for_dashboard(cluster: LocalCluster, timeout_s: float = 60) -> None:
+def _wait_for_dashboard(cluster: LocalCluster, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -139,7 +132,7 @@ def _wait_for_dashboard(cluster: LocalCluster, timeout_s: float = 60) -> None:
 
 def stop_local_cluster() -> None:
     """``ray stop --force``: the head, the autoscaler and every worker node it started."""
-    subprocess.run([RAY, "stop", "--force"], check=False, capture_output=True)
+    subprocess.run([RAY, "stop", "--force"], check=False, capture_output=True, timeout=120)
 
 
 class NodeWatcher:

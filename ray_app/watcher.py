@@ -29,6 +29,7 @@ delete its record to run the file again.
 from __future__ import annotations
 
 import argparse
+import collections
 import fnmatch
 import hashlib
 import json
@@ -242,10 +243,9 @@ class Watch:
             record["submitted_at"] = time.time()
             self._write(record)  # after: the cluster's answer
             (submitted if created else recovered).append(record)
+            records[sid] = record
             running += 1
-        statuses: dict[str, int] = {}
-        for record in self.records().values():
-            statuses[record["status"]] = statuses.get(record["status"], 0) + 1
+        statuses = dict(collections.Counter(r["status"] for r in records.values()))
         if submitted:
             log.info("watch %s: submitted %s", s.input, [r["submission_id"] for r in submitted])
         # recovered: the record was missing but Ray already had the job (same submission id).
@@ -311,7 +311,7 @@ class UploadWatcher:
 
 def start_watcher(settings: WatchSettings | dict[str, Any], name: str = DEFAULT_NAME, detached: bool = True):
     """Create the named watcher actor (or return the running one of that name). Needs ray.init()."""
-    settings = WatchSettings.model_validate(settings).resolved() if isinstance(settings, dict) else settings.resolved()
+    settings = WatchSettings.model_validate(settings).resolved()
     return UploadWatcher.options(name=name, namespace=NAMESPACE, lifetime="detached" if detached else None, get_if_exists=True).remote(
         settings.model_dump()
     )

@@ -1,5 +1,6 @@
-"""A plain ``ray start --head`` on free loopback ports with token auth, for tests that need a real
-cluster of their own (``pytest -m own_cluster``): the upload watcher and ``serve deploy``."""
+"""A plain token-auth head (``ray_app.autoscaling_demo.start_head``) with a token of the test's own,
+for tests that need a real cluster of their own (``pytest -m own_cluster``): the upload watcher and
+``serve deploy``."""
 
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from ray.job_submission import JobSubmissionClient
-
-from ray_app.autoscaling_demo import RAY
+from ray_app.autoscaling_demo import start_head as start_ray_head
+from ray_app.autoscaling_demo import stop_local_cluster as stop_head  # noqa: F401 - re-exported for the tests
 from ray_app.runtime import unused_loopback_port
 
 
@@ -27,27 +27,8 @@ def head_info(folder: Path, **env: str) -> dict:
 
 
 def start_head(info: dict, num_cpus: int = 4) -> None:
-    port, dashboard = unused_loopback_port(), unused_loopback_port()
-    subprocess.run(
-        [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", f"--ray-client-server-port={unused_loopback_port()}",
-         f"--dashboard-agent-listen-port={unused_loopback_port()}", f"--num-cpus={num_cpus}", "--disable-usage-stats"],
-        env=info["env"], check=True, capture_output=True, timeout=180,
-    )  # fmt: skip
-    info["address"] = f"127.0.0.1:{port}"
-    info["dashboard"] = f"http://127.0.0.1:{dashboard}"
-    info["client"] = wait_for(lambda: jobs_client(info), "the Jobs API")
-
-
-def stop_head(info: dict) -> None:
-    subprocess.run([RAY, "stop", "--force"], env=info["env"], capture_output=True, timeout=120)
-
-
-def jobs_client(info: dict) -> JobSubmissionClient | None:
-    try:
-        return JobSubmissionClient(info["dashboard"], headers={"Authorization": f"Bearer {info['token']}"})
-    except (ConnectionError, RuntimeError):
-        return None
+    cluster = start_ray_head(unused_loopback_port(), f"--num-cpus={num_cpus}", env=info["env"], node_ip="127.0.0.1")
+    info.update(address=cluster.gcs_address, dashboard=cluster.dashboard_url, client=cluster.job_client())
 
 
 def wait_for(probe, what: str, limit_s: float = 240):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import io
-import os
 
 import pytest
 import requests
 from PIL import Image
 from ray import serve
+
+from ray_app.demo_data import first_digit_file
 
 
 @pytest.fixture(scope="module")
@@ -18,9 +19,8 @@ def endpoint(trained_workspace, start_endpoint):
 
 
 def _digit(demo_images: str, digit: str) -> bytes:
-    folder = os.path.join(demo_images, digit)
-    name = sorted(f for f in os.listdir(folder) if f[0].isdigit())[0]
-    return open(os.path.join(folder, name), "rb").read()
+    with open(first_digit_file(demo_images, digit), "rb") as f:
+        return f.read()
 
 
 def test_real_image_gets_top_k_labels(endpoint, demo_images):

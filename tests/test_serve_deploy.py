@@ -70,7 +70,7 @@ def deployed(tmp_path_factory):
         haproxies = [
             p for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "haproxy" and "haproxy-serve" in str(p.info["cmdline"])
         ]
-        stop_head(info)
+        stop_head()
         # `ray stop --force` leaves HAProxy running (Ray 2.60): it would hold the port.
         for p in haproxies:
             p.kill()

@@ -21,6 +21,7 @@ from ray import serve
 from schemathesis import GenerationMode
 
 from ray_app.cli import run_cli
+from ray_app.demo_data import first_digit_file
 from ray_app.runtime import unused_loopback_port
 from ray_app.serving.app import build_app
 
@@ -30,8 +31,8 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 def _digit(demo_images: str, digit: str) -> bytes:
-    folder = os.path.join(demo_images, digit)
-    return open(os.path.join(folder, sorted(f for f in os.listdir(folder) if f[0].isdigit())[0]), "rb").read()
+    with open(first_digit_file(demo_images, digit), "rb") as f:
+        return f.read()
 
 
 def app_args(models: str, **gateway) -> dict:

@@ -1,7 +1,6 @@
 """HTTPS straight from Serve's proxy (``http_options.ssl_keyfile``/``ssl_certfile``), with a
 self-signed certificate made by the test."""
 
-import os
 import subprocess
 
 import pytest
@@ -9,6 +8,7 @@ import requests
 from ray import serve
 
 from ray_app.config import load_config
+from ray_app.demo_data import first_digit_file
 from ray_app.runtime import unused_loopback_port
 from ray_app.serving.app import build_app, settings_from_config
 
@@ -38,8 +38,8 @@ def https_endpoint(trained_workspace, certificate):
 
 
 def test_https_answers_with_the_certificate_and_plain_http_does_not(https_endpoint, certificate, demo_images):
-    folder = os.path.join(demo_images, "3")
-    image = open(os.path.join(folder, sorted(f for f in os.listdir(folder) if f[0].isdigit())[0]), "rb").read()
+    with open(first_digit_file(demo_images, "3"), "rb") as f:
+        image = f.read()
     answer = requests.post(f"{https_endpoint}/predict", data=image, verify=certificate[1], timeout=60)
     assert answer.status_code == 200, answer.text
     assert answer.json()["predictions"]

@@ -61,7 +61,7 @@ def cluster(tmp_path_factory):
     info = head_info(tmp_path_factory.mktemp("watch"))
     start_head(info)
     yield info
-    stop_head(info)
+    stop_head()
 
 
 def records(state: str) -> dict[str, dict]:
@@ -137,7 +137,7 @@ def test_one_job_per_uploaded_file_exactly_once_across_restarts(cluster):
     # The whole cluster wiped (Ray forgets every job): the records alone prevent re-runs. Also left
     # behind: a pass that died between its two writes (d.png recorded SUBMITTING, never sent: it
     # is submitted now, once) and a job that was running when the cluster went (LOST, not re-run).
-    stop_head(cluster)
+    stop_head()
     start_head(cluster)
     shutil.copy(digits[3], uploads / "d.png")
     d = os.stat(uploads / "d.png")

@@ -124,8 +124,8 @@ class Gateway:
                 states[name] = "scaled to zero until requested"
                 continue
             try:
-                await asyncio.wait_for(self._call(name, "describe"), timeout=2)
-                states[name] = "loaded"
+                loaded = await asyncio.wait_for(self._call(name, "ready"), timeout=2)
+                states[name] = "loaded" if loaded else "loading"
             except Exception:  # noqa: BLE001 - any failure here means "not ready yet"
                 states[name] = "loading"
         ready = all(state != "loading" for state in states.values())
@@ -186,7 +186,8 @@ class Gateway:
         key = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else request.headers.get("x-api-key", "")
         if not key:
             raise RequestError(401, "missing API key: send 'Authorization: Bearer <key>'", {"WWW-Authenticate": "Bearer"})
-        if not any(hmac.compare_digest(key_digest(key), digest) for digest in self.key_digests):
+        offered = key_digest(key)
+        if not any(hmac.compare_digest(offered, digest) for digest in self.key_digests):
             raise RequestError(403, "API key not accepted")
 
     def _limits(self, workload: str) -> ServeConfig:

@@ -75,6 +75,10 @@ class ModelServer:
                         "%s: could not load what alias %r points to; keeping %s", self.workload_name, self.model_ref, self.model_uri
                     )
 
+    def ready(self) -> bool:
+        """The health probe: cheap (``describe`` also builds the request schema)."""
+        return self.bundle is not None
+
     def describe(self) -> dict[str, Any]:
         b = self.bundle
         return {
