@@ -7,35 +7,19 @@ from typing import Any
 
 import numpy as np
 import ray
-from sklearn import metrics as skm
 
 from ray_app import storage
 from ray_app.bundle import BUNDLE_FILE
 from ray_app.config import AppConfig, save_config
-from ray_app.engine.prepare import read_split
 from ray_app.engine.scoring import PreparedRowScorer
 from ray_app.engine.train import latest_checkpoint_uri
+from ray_app.prepared import read_split
 from ray_app.registry import resolve_model_uri
 from ray_app.workloads import get_workload
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.json"
-
-
-def classification_report(labels: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict[str, Any]:
-    predicted = probabilities.argmax(axis=1)
-    ids = list(range(len(classes)))
-    per_class = skm.classification_report(labels, predicted, labels=ids, target_names=classes, output_dict=True, zero_division=0)
-    return {
-        "rows": int(len(labels)),
-        "accuracy": float(skm.accuracy_score(labels, predicted)),
-        "macro_f1": float(skm.f1_score(labels, predicted, labels=ids, average="macro", zero_division=0)),
-        "majority_class_accuracy": float(np.bincount(labels, minlength=len(classes)).max() / max(1, len(labels))),
-        "per_class": {name: per_class[name] for name in classes},
-        "confusion_matrix": skm.confusion_matrix(labels, predicted, labels=ids).tolist(),
-        "classes": classes,
-    }
 
 
 def evaluation_model_uri(config: AppConfig) -> str:

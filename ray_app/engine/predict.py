@@ -15,8 +15,8 @@ from ray.data import SaveMode
 
 from ray_app import storage
 from ray_app.config import AppConfig, save_config
-from ray_app.engine.prepare import count_rows, ok_uri, rejected_uri
 from ray_app.engine.scoring import BatchPredictor
+from ray_app.prepared import count_rows, ok_uri, rejected_uri
 from ray_app.registry import resolve_model_uri
 from ray_app.workloads import get_workload
 

@@ -19,29 +19,11 @@ from ray.data import SaveMode
 
 from ray_app import storage
 from ray_app.config import AppConfig, save_config
+from ray_app.prepared import MANIFEST_FILE, SUMMARY_FILE, count_rows, ok_uri, rejected_uri
 from ray_app.workloads import get_workload
-from ray_app.workloads.base import STATUS_OK, STATUS_REJECTED, PrepareInputs, Workload
+from ray_app.workloads.base import PrepareInputs, Workload
 
 log = logging.getLogger(__name__)
-
-MANIFEST_FILE = "manifest.json"
-SUMMARY_FILE = "summary.json"
-
-
-def ok_uri(prepared_uri: str) -> str:
-    return storage.join(prepared_uri, f"status={STATUS_OK}")
-
-
-def rejected_uri(prepared_uri: str) -> str:
-    return storage.join(prepared_uri, f"status={STATUS_REJECTED}")
-
-
-def count_rows(uri: str, filter_expr: Any = None) -> int:
-    """Row count from Parquet metadata (no data read unless a filter needs one column)."""
-    if not storage.exists(uri):
-        return 0
-    fs, path = storage.resolve(uri)
-    return pads.dataset(path, filesystem=fs, format="parquet").count_rows(filter=filter_expr)
 
 
 def prepared_dataset(workload: Workload, inputs: PrepareInputs, options: dict[str, Any], concurrency: int) -> ray.data.Dataset:
@@ -108,14 +90,3 @@ def _reject_reasons(output: str) -> dict[str, int]:
     reasons = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["reject_reason"])
     # Group by the reason's first clause so "corrupt: <detail>" variants count together.
     return dict(collections.Counter(r.split(":")[0] for r in reasons["reject_reason"].to_pylist()))
-
-
-def load_manifest(prepared_uri: str) -> dict[str, Any]:
-    return storage.read_json(storage.join(prepared_uri, MANIFEST_FILE))
-
-
-def read_split(prepared_uri: str, split: str, columns: list[str]) -> ray.data.Dataset:
-    """The good rows of one split as a Ray Dataset (Parquet column projection, filter on split)."""
-    return (
-        ray.data.read_parquet(ok_uri(prepared_uri), columns=[*columns, "split"]).filter(expr=f"split == '{split}'").select_columns(columns)
-    )

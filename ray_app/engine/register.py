@@ -10,8 +10,8 @@ from typing import Any
 from ray_app import storage
 from ray_app.config import AppConfig
 from ray_app.engine.evaluate import REPORT_FILE
-from ray_app.engine.prepare import MANIFEST_FILE, ok_uri
 from ray_app.engine.train import latest_checkpoint_uri
+from ray_app.prepared import MANIFEST_FILE, ok_uri
 from ray_app.registry import ModelRegistry
 
 log = logging.getLogger(__name__)

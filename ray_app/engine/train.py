@@ -24,7 +24,7 @@ from safetensors.torch import load_model
 from ray_app import plots, storage
 from ray_app.bundle import BUNDLE_FILE, WEIGHTS_FILE, save_bundle
 from ray_app.config import AppConfig, save_config
-from ray_app.engine.prepare import load_manifest, read_split
+from ray_app.prepared import load_manifest, read_split
 from ray_app.workloads import get_workload
 
 log = logging.getLogger(__name__)

@@ -15,15 +15,11 @@ import pyarrow as pa
 from pydantic import BaseModel
 
 from ray_app import storage
+from ray_app.prepared import STATUS_OK, STATUS_REJECTED  # noqa: F401  (re-exported: workloads emit them)
 
 if TYPE_CHECKING:
     import ray.data
     import torch
-
-# Every preparer and batch predictor emits these two columns so one Parquet write, partitioned by
-# status, splits good rows from rejects in a single streaming pass.
-STATUS_OK = "ok"
-STATUS_REJECTED = "rejected"
 
 
 class BadInput(ValueError):
@@ -130,8 +126,8 @@ class Workload(ABC):
         self, labels: np.ndarray, probabilities: np.ndarray, classes: list[str]
     ) -> tuple[dict[str, Any], dict[str, bytes]]:
         """Metrics for the held-out split, and plots by file name (default: classification)."""
-        from ray_app.engine.evaluate import classification_report
         from ray_app.plots import confusion_matrix
+        from ray_app.workloads.classification import classification_report
 
         report = classification_report(labels, probabilities, classes)
         return report, {"confusion_matrix.png": confusion_matrix(report["confusion_matrix"], classes)}

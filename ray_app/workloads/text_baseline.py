@@ -10,8 +10,8 @@ import ray
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
 
-from ray_app.engine.prepare import read_split
-from ray_app.workloads.text import TextOptions, local_model_dir, pad, verify_weights
+from ray_app.prepared import read_split
+from ray_app.workloads.text_encoder import TextOptions, local_model_dir, pad, verify_weights
 
 
 class FrozenEmbedder:

@@ -1,0 +1,52 @@
+"""The prepared-data layout, shared by the engine stages and the workloads: where good rows and
+rejects live, the manifest, row counts and reading one split. Neutral ground: it imports neither
+the engine nor a workload, so both can import it without a cycle.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pyarrow.dataset as pads
+
+from ray_app import storage
+
+if TYPE_CHECKING:
+    import ray.data
+
+# Every preparer and batch predictor emits these two columns so one Parquet write, partitioned by
+# status, splits good rows from rejects in a single streaming pass.
+STATUS_OK = "ok"
+STATUS_REJECTED = "rejected"
+
+MANIFEST_FILE = "manifest.json"
+SUMMARY_FILE = "summary.json"
+
+
+def ok_uri(prepared_uri: str) -> str:
+    return storage.join(prepared_uri, f"status={STATUS_OK}")
+
+
+def rejected_uri(prepared_uri: str) -> str:
+    return storage.join(prepared_uri, f"status={STATUS_REJECTED}")
+
+
+def count_rows(uri: str, filter_expr: Any = None) -> int:
+    """Row count from Parquet metadata (no data read unless a filter needs one column)."""
+    if not storage.exists(uri):
+        return 0
+    fs, path = storage.resolve(uri)
+    return pads.dataset(path, filesystem=fs, format="parquet").count_rows(filter=filter_expr)
+
+
+def load_manifest(prepared_uri: str) -> dict[str, Any]:
+    return storage.read_json(storage.join(prepared_uri, MANIFEST_FILE))
+
+
+def read_split(prepared_uri: str, split: str, columns: list[str]) -> ray.data.Dataset:
+    """The good rows of one split as a Ray Dataset (Parquet column projection, filter on split)."""
+    import ray.data
+
+    return (
+        ray.data.read_parquet(ok_uri(prepared_uri), columns=[*columns, "split"]).filter(expr=f"split == '{split}'").select_columns(columns)
+    )
