@@ -23,6 +23,17 @@ from ray_app.workloads.base import Workload
 
 WEIGHTS_FILE = "model.safetensors"
 BUNDLE_FILE = "bundle.json"
+# Bump when a bundle written by new code could be misread by old code (or the reverse), and teach
+# load_bundle to read every older version. Bundles from before the field existed are version 1.
+BUNDLE_FORMAT_VERSION = 1
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be loaded; the message names the file and what is wrong."""
+
+
+class UnsupportedBundleFormat(BundleError):
+    """A bundle written by a newer ray_app than this one."""
 
 
 def sha256_file(path: str) -> str:
@@ -39,7 +50,7 @@ def save_bundle(model: torch.nn.Module, folder: str, info: dict[str, Any]) -> No
     weights = os.path.join(folder, WEIGHTS_FILE)
     save_model(model, weights)
     with open(os.path.join(folder, BUNDLE_FILE), "w") as f:
-        json.dump({**info, "weights_sha256": sha256_file(weights)}, f, indent=2, sort_keys=True)
+        json.dump({**info, "format_version": BUNDLE_FORMAT_VERSION, "weights_sha256": sha256_file(weights)}, f, indent=2, sort_keys=True)
 
 
 @dataclass
@@ -61,6 +72,36 @@ class ModelBundle:
             return self.workload.probabilities(self.model(inputs)).float().cpu().numpy()
 
 
+def _read_json(path: str, uri: str, *required: str) -> dict[str, Any]:
+    """A bundle's JSON file; a damaged one raises an error that names it (uri: for the message)."""
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{uri} is damaged: not valid JSON ({exc})") from None
+    missing = [key for key in required if not isinstance(data, dict) or key not in data]
+    if missing:
+        raise BundleError(f"{uri} is damaged: missing {', '.join(missing)}")
+    return data
+
+
+def check_format_version(info: dict[str, Any], uri: str) -> int:
+    version = info.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= BUNDLE_FORMAT_VERSION:
+        raise UnsupportedBundleFormat(
+            f"{uri}: bundle format_version {version!r} is not one this ray_app reads (1..{BUNDLE_FORMAT_VERSION}); "
+            "it was written by a newer ray_app: upgrade ray_app to load it"
+        )
+    return version
+
+
+def read_bundle_info(uri: str, folder: str) -> dict[str, Any]:
+    """bundle.json of a bundle in local ``folder`` (downloaded from ``uri``), format checked."""
+    info = _read_json(os.path.join(folder, BUNDLE_FILE), storage.join(uri, BUNDLE_FILE), "workload", "weights_sha256")
+    check_format_version(info, storage.join(uri, BUNDLE_FILE))
+    return info
+
+
 def load_bundle(uri: str, device: str | torch.device = "cpu") -> ModelBundle:
     """Load a bundle from any URI, refusing weights whose SHA-256 differs from the recorded one."""
     uri = storage.normalize(uri)
@@ -69,12 +110,10 @@ def load_bundle(uri: str, device: str | torch.device = "cpu") -> ModelBundle:
         if storage.is_remote(uri):
             storage.download_dir(uri, tmp)
             folder = tmp
-        with open(os.path.join(folder, BUNDLE_FILE)) as f:
-            info = json.load(f)
+        info = read_bundle_info(uri, folder)
         registry_metadata = os.path.join(folder, "metadata.json")
         if os.path.exists(registry_metadata):  # a registered version: remember which one
-            with open(registry_metadata) as f:
-                info["version"] = json.load(f)["version"]
+            info["version"] = _read_json(registry_metadata, storage.join(uri, "metadata.json"), "version")["version"]
         weights = os.path.join(folder, WEIGHTS_FILE)
         actual = sha256_file(weights)
         if actual != info["weights_sha256"]:
