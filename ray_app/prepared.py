@@ -5,6 +5,7 @@ the engine nor a workload, so both can import it without a cycle.
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING, Any
 
 import pyarrow.dataset as pads
@@ -23,12 +24,15 @@ MANIFEST_FILE = "manifest.json"
 SUMMARY_FILE = "summary.json"
 
 
+# Prepared data and predictions are published atomically (``storage.publishing``): every reader
+# goes through ``storage.published`` to the current version, so a re-run that replaces the output
+# meanwhile cannot mix files of two versions into one read.
 def ok_uri(prepared_uri: str) -> str:
-    return storage.join(prepared_uri, f"status={STATUS_OK}")
+    return storage.join(storage.published(prepared_uri), f"status={STATUS_OK}")
 
 
 def rejected_uri(prepared_uri: str) -> str:
-    return storage.join(prepared_uri, f"status={STATUS_REJECTED}")
+    return storage.join(storage.published(prepared_uri), f"status={STATUS_REJECTED}")
 
 
 def count_rows(uri: str, filter_expr: Any = None) -> int:
@@ -40,7 +44,22 @@ def count_rows(uri: str, filter_expr: Any = None) -> int:
 
 
 def load_manifest(prepared_uri: str) -> dict[str, Any]:
-    return storage.read_json(storage.join(prepared_uri, MANIFEST_FILE))
+    return storage.read_json(storage.join(storage.published(prepared_uri), MANIFEST_FILE))
+
+
+def load_summary(output_uri: str) -> dict[str, Any]:
+    """The summary of a prepare or predict output (its current published version)."""
+    return storage.read_json(storage.join(storage.published(output_uri), SUMMARY_FILE))
+
+
+def data_fingerprint(prepared_uri: str) -> str:
+    """SHA-256 over the prepared files' names and sizes plus the manifest: changes whenever the
+    training data does, without reading the data. Train records it in every checkpoint (a resume
+    on other data is refused) and register in the model's metadata."""
+    digest = hashlib.sha256(storage.read_bytes(storage.join(prepared_uri, MANIFEST_FILE)))
+    for info in sorted(storage.list_files(ok_uri(prepared_uri)), key=lambda f: f.path):
+        digest.update(f"{info.base_name}:{info.size}\n".encode())
+    return digest.hexdigest()
 
 
 def read_split(prepared_uri: str, split: str, columns: list[str]) -> ray.data.Dataset:

@@ -6,9 +6,12 @@ and against object storage on a cluster.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -102,3 +105,216 @@ def copy_file(src_uri: str, dst_uri: str) -> None:
 def download_dir(src_uri: str, local_dir: str) -> None:
     """Fetch a (possibly remote) folder to local disk, e.g. to load a model from it."""
     copy_dir(src_uri, local_dir)
+
+
+# ---- outputs never destroy inputs ----------------------------------------------------------------
+class OutputOverlapError(ValueError):
+    """An output that equals, contains or lies inside one of the stage's inputs."""
+
+
+def _comparable_forms(uri: str) -> set[tuple[str, ...]]:
+    """Path components of a URI for prefix comparison: ``("s3", bucket, *key)`` remotely; locally
+    the absolute path and its realpath (symlinks resolved), so a link cannot hide an overlap."""
+    uri = normalize(uri)
+    if is_remote(uri):
+        scheme, rest = uri.split("://", 1)
+        return {(scheme, *[p for p in rest.split("/") if p])}
+    return {("file", *[p for p in form.split(os.sep) if p]) for form in (uri, os.path.realpath(uri))}
+
+
+def refuse_overlap(stage: str, output: str, inputs: list[str | None]) -> None:
+    """Raise before anything is written when ``output`` equals, contains or lies inside an input.
+
+    Publishing an output replaces the folder it names, so an output that contains an input would
+    delete it; an output inside an input would be read back as input by the next run."""
+    out_forms = _comparable_forms(output)
+    for input_uri in inputs:
+        if not input_uri:
+            continue
+        for o in out_forms:
+            for i in _comparable_forms(input_uri):
+                if o == i:
+                    relation = "is the same location as"
+                elif i[: len(o)] == o:
+                    relation = "contains"
+                elif o[: len(i)] == i:
+                    relation = "lies inside"
+                else:
+                    continue
+                raise OutputOverlapError(
+                    f"{stage}: refusing to write the output {output} because it {relation} the input {input_uri}; "
+                    "choose an output location outside every input (nothing was written or deleted)"
+                )
+
+
+# ---- atomic publish -------------------------------------------------------------------------------
+# One scheme, two mechanisms, chosen by the URI:
+# - local/NFS: the output path is a symlink to a sibling version folder ``.<name>.v-<token>``; a run
+#   writes ``.<name>.tmp-<token>``, renames it to ``.v-`` once complete, then flips the symlink with
+#   one atomic rename. Readers that open ``<output>/...`` see the old or the new version, never a mix.
+# - object stores (no rename, no symlink): a run writes under ``<output>/_v/<token>/`` and then puts
+#   the small pointer object ``<output>/_CURRENT`` (a single PUT is atomic).
+# Readers resolve an output through ``published()``; the previous version is kept one more round so
+# a reader that resolved it just before a flip can finish.
+POINTER_FILE = "_CURRENT"
+VERSIONS_DIR = "_v"
+STALE_STAGING_S = 6 * 3600  # an unfinished staging folder older than this is a killed run's: removed
+
+
+class Staging:
+    """Where a run writes its new output: ``uri`` (for Ray Data / storage helpers) or
+    ``filesystem`` + ``path`` (pyarrow)."""
+
+    def __init__(self, uri: str, filesystem: pafs.FileSystem, path: str) -> None:
+        self.uri, self.filesystem, self.path = uri, filesystem, path
+
+
+def _token() -> str:
+    import secrets
+
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(4)}"
+
+
+def _local_siblings(final: str, kind: str) -> list[str]:
+    parent, name = os.path.split(final)
+    prefix = f".{name}.{kind}-"
+    try:
+        return sorted(os.path.join(parent, e) for e in os.listdir(parent) if e.startswith(prefix))
+    except FileNotFoundError:
+        return []
+
+
+def _recover_local(final: str) -> None:
+    """Finish a flip that a killed run left half-done: a real folder moved aside, the new link not
+    yet renamed into place (``final`` missing). The newest complete link wins."""
+    if os.path.lexists(final):
+        return
+    links = [p for p in _local_siblings(final, "link") if os.path.exists(p)]
+    if links:
+        os.replace(max(links, key=lambda p: os.lstat(p).st_mtime_ns), final)
+
+
+def published(uri: str) -> str:
+    """The concrete location of an output's current version (what readers should open). An
+    output written before this scheme existed, or a staging folder, resolves to itself."""
+    uri = normalize(uri)
+    if is_remote(uri):
+        fs, path = resolve(uri)
+        pointer = posixpath.join(path, POINTER_FILE)
+        if fs.get_file_info(pointer).type != pafs.FileType.File:
+            return uri
+        with fs.open_input_stream(pointer) as stream:
+            version = json.loads(stream.read())["version"]
+        return join(uri, VERSIONS_DIR, version)
+    if os.path.islink(uri):
+        return os.path.realpath(uri)
+    if not os.path.exists(uri):  # between the two renames of a half-done flip: read the new version
+        links = [p for p in _local_siblings(uri, "link") if os.path.exists(p)]
+        if links:
+            return os.path.realpath(max(links, key=lambda p: os.lstat(p).st_mtime_ns))
+    return uri
+
+
+def _publish_local(final: str, staged: str, token: str) -> None:
+    parent, name = os.path.split(final)
+    version = os.path.join(parent, f".{name}.v-{token}")
+    os.rename(staged, version)  # complete: from now on a version, no longer a staging folder
+    link = os.path.join(parent, f".{name}.link-{token}")
+    os.symlink(os.path.basename(version), link)  # relative: the workspace can be moved as a whole
+    _recover_local(final)
+    previous = os.path.realpath(final) if os.path.islink(final) else None
+    if os.path.isdir(final) and not os.path.islink(final):
+        # A real folder (older layout): move it aside; a kill right here leaves ``final`` missing
+        # and the link ready, which _recover_local/published() complete on the next call.
+        legacy = os.path.join(parent, f".{name}.v-{token}-replaced")
+        os.rename(final, legacy)
+        previous = legacy
+    elif os.path.lexists(final) and not os.path.islink(final):
+        os.remove(link)
+        raise FileExistsError(f"{final} exists and is not a folder: not replacing it")
+    os.replace(link, final)  # the atomic flip
+    for stale in _local_siblings(final, "v"):
+        if stale not in (version, previous):
+            _remove_local(stale)
+    now = time.time()
+    for stale in _local_siblings(final, "tmp") + _local_siblings(final, "link"):
+        if now - os.lstat(stale).st_mtime > STALE_STAGING_S:
+            _remove_local(stale)
+
+
+def _remove_local(path: str) -> None:
+    import shutil
+
+    if os.path.islink(path) or os.path.isfile(path):
+        os.remove(path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _publish_remote(fs: pafs.FileSystem, path: str, token: str) -> None:
+    pointer = posixpath.join(path, POINTER_FILE)
+    old: dict[str, Any] = {}
+    if fs.get_file_info(pointer).type == pafs.FileType.File:
+        with fs.open_input_stream(pointer) as stream:
+            old = json.loads(stream.read())
+    with fs.open_output_stream(pointer) as stream:  # the flip: one PUT
+        stream.write(json.dumps({"version": token, "previous": old.get("version")}).encode())
+    keep = {token, old.get("version")}
+    versions = posixpath.join(path, VERSIONS_DIR)
+    now_ns = time.time_ns()
+    for info in fs.get_file_info(pafs.FileSelector(versions, allow_not_found=True)):
+        if info.base_name in keep:
+            continue
+        if info.base_name == old.get("previous") or _newest_mtime_ns(fs, info.path, now_ns) < now_ns - STALE_STAGING_S * 1e9:
+            fs.delete_dir(info.path)
+    # Files of an output written before this scheme (e.g. ``status=ok/`` at the top): replaced now.
+    for info in fs.get_file_info(pafs.FileSelector(path)):
+        if info.base_name in (POINTER_FILE, VERSIONS_DIR):
+            continue
+        fs.delete_dir(info.path) if info.type == pafs.FileType.Directory else fs.delete_file(info.path)
+
+
+def _newest_mtime_ns(fs: pafs.FileSystem, path: str, default: int) -> int:
+    times = [i.mtime_ns for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.mtime_ns]
+    return max(times, default=default)
+
+
+@contextlib.contextmanager
+def publishing(uri: str, filesystem: pafs.FileSystem | None = None) -> Iterator[Staging]:
+    """Write a new version of the output ``uri`` in a staging location; on a clean exit it replaces
+    the old version at once, on an error (or a kill) the old version stays as it was.
+
+    ``filesystem`` writes the staging files through another pyarrow filesystem over the same
+    storage (tests wrap the local one to inject faults such as a full disk)."""
+    uri = normalize(uri)
+    token = _token()
+    if is_remote(uri):
+        fs, path = resolve(uri)
+        staging = Staging(join(uri, VERSIONS_DIR, token), filesystem or fs, posixpath.join(path, VERSIONS_DIR, token))
+    else:
+        _recover_local(uri)
+        parent, name = os.path.split(uri)
+        os.makedirs(parent, exist_ok=True)
+        fs = pafs.LocalFileSystem()
+        path = os.path.join(parent, f".{name}.tmp-{token}")
+        staging = Staging(path, filesystem or fs, path)
+    staging.filesystem.create_dir(staging.path, recursive=True)
+    try:
+        yield staging
+    except BaseException as exc:
+        _discard(fs, staging.path)
+        if isinstance(exc, OSError):
+            message = f"writing {uri} failed, the previous output is unchanged: {exc}"
+            raise (OSError(exc.errno, message) if exc.errno else OSError(message)) from exc
+        raise
+    if is_remote(uri):
+        _publish_remote(fs, path, token)
+    else:
+        _publish_local(uri, staging.path, token)
+
+
+def _discard(fs: pafs.FileSystem, path: str) -> None:
+    try:
+        fs.delete_dir(path)
+    except (OSError, FileNotFoundError):
+        pass  # best effort: an unfinished staging folder is also removed by a later run

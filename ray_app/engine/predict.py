@@ -16,7 +16,7 @@ from ray.data import SaveMode
 from ray_app import storage
 from ray_app.config import AppConfig, save_config
 from ray_app.engine.scoring import BatchPredictor
-from ray_app.prepared import count_rows, ok_uri, rejected_uri
+from ray_app.prepared import SUMMARY_FILE, count_rows, ok_uri, rejected_uri
 from ray_app.registry import resolve_model_uri
 from ray_app.workloads import get_workload
 
@@ -37,39 +37,59 @@ def scored_dataset(
     )
 
 
+def predict_inputs(config: AppConfig) -> list[str]:
+    """The input URIs: ``--input``, or the lines of ``--input-list`` (one URI per line)."""
+    p = config.predict
+    if p.input and p.input_list:
+        raise ValueError("predict takes --input or --input-list, not both")
+    if p.input_list:
+        lines = storage.read_bytes(p.input_list).decode().splitlines()
+        inputs = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        if not inputs:
+            raise ValueError(f"the input list {p.input_list} names no input")
+        return inputs
+    if not p.input:
+        raise ValueError("predict needs --input: the items to score (or --input-list)")
+    return [p.input]
+
+
 def run_predict(config: AppConfig) -> dict[str, Any]:
     p = config.predict
-    if not p.input:
-        raise ValueError("predict needs --input: the items to score")
+    inputs = predict_inputs(config)
     workload = get_workload(config.workload)
     options = workload.parse_options(config.options)
     model_uri = resolve_model_uri(config.models_uri(), config.workload, p.model)
     output = config.predictions_uri()
+    # Before anything is read or written: publishing the output replaces what it names.
+    storage.refuse_overlap("predict", output, [*inputs, p.input_list, model_uri])
     started = time.perf_counter()
 
-    items = workload.read_predict_inputs(p.input, options, p.batch_size)
+    parts = [workload.read_predict_inputs(uri, options, p.batch_size) for uri in inputs]
+    items = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     rows_in = items.count()
     if rows_in == 0:
-        raise ValueError(f"nothing to predict under {p.input}")
-    storage.delete_dir(output)
-    scored_dataset(items, model_uri, p.use_gpu, config.serve.top_k, p.batch_size, p.concurrency).write_parquet(
-        output, partition_cols=["status"], mode=SaveMode.OVERWRITE
-    )
-    rows_ok, rows_rejected = count_rows(ok_uri(output)), count_rows(rejected_uri(output))
-    summary = {
-        "input": p.input,
-        "output": output,
-        "model": model_uri,
-        "rows_in": rows_in,
-        "rows_ok": rows_ok,
-        "rows_rejected": rows_rejected,
-        "label_counts": _label_counts(output),
-        "seconds": round(time.perf_counter() - started, 2),
-    }
-    if rows_ok + rows_rejected != rows_in:
-        raise RuntimeError(f"row accounting broken: {rows_in} in, {rows_ok} ok + {rows_rejected} rejected")
-    storage.write_json(storage.join(output, "summary.json"), summary)
-    save_config(config, output, "predict")
+        raise ValueError(f"nothing to predict under {p.input or p.input_list}")
+    # The old predictions are replaced only once the new ones are complete (a failed run keeps them).
+    with storage.publishing(output) as staging:
+        scored_dataset(items, model_uri, p.use_gpu, config.serve.top_k, p.batch_size, p.concurrency).write_parquet(
+            staging.uri, partition_cols=["status"], mode=SaveMode.OVERWRITE
+        )
+        rows_ok, rows_rejected = count_rows(ok_uri(staging.uri)), count_rows(rejected_uri(staging.uri))
+        summary = {
+            "input": p.input or p.input_list,
+            "inputs": len(inputs),
+            "output": output,
+            "model": model_uri,
+            "rows_in": rows_in,
+            "rows_ok": rows_ok,
+            "rows_rejected": rows_rejected,
+            "label_counts": _label_counts(staging.uri),
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        if rows_ok + rows_rejected != rows_in:
+            raise RuntimeError(f"row accounting broken: {rows_in} in, {rows_ok} ok + {rows_rejected} rejected")
+        storage.write_json(storage.join(staging.uri, SUMMARY_FILE), summary)
+        save_config(config, staging.uri, "predict")
     log.info("predict: %s", summary)
     return summary
 

@@ -19,7 +19,7 @@ from ray.data import SaveMode
 
 from ray_app import storage
 from ray_app.config import AppConfig, save_config
-from ray_app.prepared import MANIFEST_FILE, SUMMARY_FILE, count_rows, ok_uri, rejected_uri
+from ray_app.prepared import MANIFEST_FILE, STATUS_REJECTED, SUMMARY_FILE, count_rows, ok_uri, rejected_uri
 from ray_app.workloads import get_workload
 from ray_app.workloads.base import PrepareInputs, Workload
 
@@ -45,6 +45,7 @@ def run_prepare(config: AppConfig) -> dict[str, Any]:
     workload = get_workload(config.workload)
     options = workload.parse_options(config.options)
     output = config.prepared_uri()
+    storage.refuse_overlap("prepare", output, [config.prepare.input])
     started = time.perf_counter()
 
     inputs = workload.read_prepare_inputs(
@@ -53,14 +54,32 @@ def run_prepare(config: AppConfig) -> dict[str, Any]:
     if inputs.rows_in == 0:
         raise ValueError(f"no input found under {config.prepare.input}")
     mapped = prepared_dataset(workload, inputs, options.model_dump(), config.prepare.concurrency)
-    storage.delete_dir(output)  # a re-run replaces, never appends to, earlier output
-    mapped.write_parquet(output, partition_cols=["status"], mode=SaveMode.OVERWRITE)
+    # A re-run replaces earlier output, never appends to it, and only once the new one is complete:
+    # a failed or killed run leaves the previous prepared data as it was.
+    with storage.publishing(output) as staging:
+        summary = _write_prepared(config, workload, inputs, options, mapped, staging.uri, output, started)
+    log.info("prepare: %s", summary)
+    return summary
 
-    rows_ok = count_rows(ok_uri(output))
-    rows_rejected = count_rows(rejected_uri(output))
-    reasons = _reject_reasons(output)
-    manifest = workload.finalize_manifest(output, {**inputs.manifest, "workload": config.workload, "options": options.model_dump()})
-    manifest["splits"] = {split: count_rows(ok_uri(output), pc.field("split") == split) for split in ("train", "val", "test")}
+
+def _write_prepared(
+    config: AppConfig,
+    workload: Workload,
+    inputs: PrepareInputs,
+    options: Any,
+    mapped: ray.data.Dataset,
+    staged: str,
+    output: str,
+    started: float,
+) -> dict[str, Any]:
+    """Everything prepare writes, into the staging location ``staged``; ``output`` is where it
+    will be published (and what the summary names)."""
+    mapped.write_parquet(staged, partition_cols=["status"], mode=SaveMode.OVERWRITE)
+    rows_ok = count_rows(ok_uri(staged))
+    rows_rejected = count_rows(rejected_uri(staged))
+    reasons = _reject_reasons(staged)
+    manifest = workload.finalize_manifest(staged, {**inputs.manifest, "workload": config.workload, "options": options.model_dump()})
+    manifest["splits"] = {split: count_rows(ok_uri(staged), pc.field("split") == split) for split in ("train", "val", "test")}
     summary = {
         "input": config.prepare.input,
         "output": output,
@@ -68,17 +87,16 @@ def run_prepare(config: AppConfig) -> dict[str, Any]:
         "rows_ok": rows_ok,
         "rows_rejected": rows_rejected,
         "reject_reasons": reasons,
-        "rejects": rejected_uri(output),
+        "rejects": storage.join(output, f"status={STATUS_REJECTED}"),
         "splits": manifest["splits"],
         "seconds": round(time.perf_counter() - started, 2),
     }
     if rows_ok + rows_rejected != inputs.rows_in:
         # Losing rows silently is the one thing prepare must never do.
         raise RuntimeError(f"row accounting broken: {inputs.rows_in} in, {rows_ok} ok + {rows_rejected} rejected")
-    storage.write_json(storage.join(output, MANIFEST_FILE), manifest)
-    storage.write_json(storage.join(output, SUMMARY_FILE), summary)
-    save_config(config, output, "prepare")
-    log.info("prepare: %s", summary)
+    storage.write_json(storage.join(staged, MANIFEST_FILE), manifest)
+    storage.write_json(storage.join(staged, SUMMARY_FILE), summary)
+    save_config(config, staged, "prepare")
     return summary
 
 
