@@ -59,6 +59,9 @@ class PredictConfig(_Section):
     model: str = Field("production", description="registry alias or version, or a checkpoint URI")
     batch_size: int = Field(256, gt=0)
     concurrency: int = Field(2, gt=0, description="model actors (each loads the model once)")
+    input_list: str | None = Field(
+        None, description="URI of a text file naming the inputs, one URI per line (instead of --input; the upload watcher's grouped jobs)"
+    )
     use_gpu: bool = False
 
 
