@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 
 class RequestError(Exception):
@@ -18,18 +21,27 @@ def error_response(status_code: int, message: str, headers: dict[str, str] | Non
     return JSONResponse(status_code=status_code, content={"error": {"status": status_code, "message": message}}, headers=headers)
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The request payload — raw body or the ``file`` field of a multipart form — within a limit
-    enforced while streaming, so an oversized upload is refused without buffering it all."""
+async def read_body(request: Request, max_bytes: int, timeout_s: float | None = None) -> bytes:
+    """The request payload — raw body or the ``file`` field of a multipart form — within a size
+    limit enforced while streaming (so an oversized or chunked upload is refused without buffering
+    it all) and a deadline for the whole body (so a slow upload cannot hold a gateway slot)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise RequestError(413, f"body of {declared} bytes exceeds the limit of {max_bytes} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise RequestError(413, f"body exceeds the limit of {max_bytes} bytes")
-        chunks.append(chunk)
+    try:
+        # One deadline for the whole body, not per chunk: a client trickling a byte a second
+        # would otherwise keep a per-chunk timer alive forever.
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise RequestError(413, f"body exceeds the limit of {max_bytes} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestError(408, f"request body not received within {timeout_s:g} s", {"Connection": "close"}) from None
+    except ClientDisconnect:
+        raise RequestError(400, "client disconnected before sending the whole body") from None
     body = b"".join(chunks)
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         body = await _multipart_file(request, body)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic.types import StrictFloat, StrictInt, StrictStr
 
 from ray_app.workloads.base import STATUS_OK, STATUS_REJECTED, BadInput, PrepareInputs, Workload, assign_split, read_table
@@ -80,6 +80,16 @@ class CTRTransform:
             hashed = pd.util.hash_array(raw.astype(str).astype(object), categorize=False)
             categorical[:, j] = j * self.buckets + (hashed % np.uint64(self.buckets)).astype(np.int64)
         return categorical, numeric, reasons
+
+
+def _finite_float(value: float | int) -> float:
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ValueError("number out of range") from None
+    if not np.isfinite(number):
+        raise ValueError("not a finite number")
+    return number
 
 
 def _column(frame: Mapping[str, Any], column: str, n: int) -> np.ndarray:
@@ -148,6 +158,13 @@ class CTRPreparer:
         ids = batch[o.id_column].astype(str).tolist() if o.id_column and o.id_column in batch else [None] * n
         items = batch[o.item_column].astype(str).tolist() if o.item_column and o.item_column in batch else [None] * n
         times = pd.to_numeric(batch[o.time_column], errors="coerce").tolist() if o.time_column and o.time_column in batch else [None] * n
+        if self.cutoffs is not None:
+            # Splits are by time here: an event without a usable time has no split. NaN compares
+            # false with every cutoff, so it used to land in "test" unnoticed.
+            reasons = [
+                r or (None if t is not None and np.isfinite(t) else f"{o.time_column}: missing or not a number")
+                for r, t in zip(reasons, times, strict=True)
+            ]
         keys = [ids[i] or f"{items[i]}|{times[i]}|{i}" for i in range(n)]
         truth = batch["true_probability"].astype(float).tolist() if "true_probability" in batch else [None] * n
         return pa.table(
@@ -345,7 +362,11 @@ class CTRWorkload(Workload):
         cached = self._event_model
         if cached is None:
             t = manifest["transform"]
-            fields: dict[str, Any] = {c: (StrictFloat | StrictInt, Field(allow_inf_nan=False)) for c in t["numeric_columns"]}
+            # Numbers become finite floats here, so an integer beyond float range (a 400-digit id)
+            # is a 422 at validation rather than an OverflowError (a 500) in pydantic's own
+            # ``allow_inf_nan`` check or in the transform.
+            number = Annotated[StrictFloat | StrictInt, AfterValidator(_finite_float)]
+            fields: dict[str, Any] = {c: (number, ...) for c in t["numeric_columns"]}
             fields.update({c: (StrictStr | StrictInt, ...) for c in t["categorical_columns"]})
             cached = create_model("ClickEvent", __config__=ConfigDict(extra="ignore"), **fields)
             self._event_model = cached
@@ -355,17 +376,23 @@ class CTRWorkload(Workload):
         event = self.event_model(manifest).model_json_schema()
         return {"anyOf": [event, {"type": "object", "properties": {"events": {"type": "array", "items": event}}, "required": ["events"]}]}
 
-    def decode_request(self, payload: bytes, options: CTROptions, manifest) -> list[tuple[Any, dict[str, Any]]]:
-        import json
+    def decode_request(
+        self, payload: bytes, options: CTROptions, manifest, max_items: int | None = None
+    ) -> list[tuple[Any, dict[str, Any]]]:
+        import pydantic_core
 
+        # pydantic's JSON parser, not ``json``: it refuses nesting deeper than 200 levels and
+        # numbers beyond ~4,300 digits with a ValueError, where ``json.loads`` raises RecursionError.
         try:
-            body = json.loads(payload)
+            body = pydantic_core.from_json(payload)
         except ValueError as exc:
             raise BadInput(f"body: malformed JSON ({exc})") from None
         events = body.get("events", body) if isinstance(body, dict) else body
         events = [events] if isinstance(events, dict) else events
         if not isinstance(events, list) or not events:
             raise BadInput('body: send one event object, a list of events, or {"events": [...]}')
+        if max_items is not None and len(events) > max_items:
+            raise BadInput(f"{len(events)} items in one request, at most {max_items}")
         model = self.event_model(manifest)
         validated = []
         for index, event in enumerate(events):

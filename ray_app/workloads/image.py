@@ -21,6 +21,15 @@ if TYPE_CHECKING:
     import torch
 
 NPZ_SPLITS = {"train": "train", "val": "val", "test": "test"}  # MedMNIST key prefixes -> our splits
+# Formats Pillow may open. Every other decoder Pillow ships (TIFF, GIF, PSD, ICO, ...) is attack
+# surface an upload endpoint does not need. DICOM is not a Pillow format: it is recognised by its
+# preamble and decoded with pydicom *before* this list is consulted (the medical hook in
+# ``decode_image``), under the same pixel cap.
+PIL_FORMATS = ("PNG", "JPEG")
+# Pillow only *warns* (DecompressionBombWarning) between 89 M and 178 M pixels and decodes anyway
+# (0.5-0.9 GB per image). Our cap is checked on the header before any pixel is decoded and may not
+# exceed Pillow's warning threshold, so that warning can never be reached by a decoded image.
+DEFAULT_MAX_PIXELS = 40_000_000
 
 PREPARED_SCHEMA = pa.schema(
     [
@@ -38,7 +47,13 @@ class ImageOptions(BaseModel):
     image_size: int = Field(28, gt=0, description="images are resized to size×size")
     channels: int = Field(1, description="1 (grayscale) or 3 (RGB)", ge=1, le=3)
     class_names: list[str] | None = Field(None, description="names for .npz integer labels")
-    max_file_bytes: int = Field(32 * 1024 * 1024, gt=0, description="larger files are rejected")
+    max_file_bytes: int = Field(32 * 1024 * 1024, gt=0, description="larger files are rejected (checked before reading)")
+    max_pixels: int = Field(
+        DEFAULT_MAX_PIXELS,
+        gt=0,
+        le=Image.MAX_IMAGE_PIXELS,
+        description="width x height above which an image is rejected from its header, before decoding",
+    )
     width: int = Field(16, gt=0, description="channels of the first ResNet stage (doubles twice)")
 
 
@@ -50,19 +65,29 @@ def _to_chw(img: Image.Image, size: int, channels: int) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def decode_image(data: bytes, size: int, channels: int, max_bytes: int) -> np.ndarray:
-    """Encoded image bytes -> uint8 C×H×W. Raises BadInput with a reason a person can act on."""
+def decode_image(data: bytes, size: int, channels: int, max_bytes: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded image bytes -> uint8 C×H×W. Raises BadInput with a reason a person can act on.
+
+    Only the header is parsed before the limits are checked: an image over ``max_pixels`` or in a
+    format outside ``PIL_FORMATS`` is refused without decoding a single pixel."""
     if not data:
         raise BadInput("empty file")
     if len(data) > max_bytes:
         raise BadInput(f"file too large: {len(data)} bytes > limit {max_bytes}")
+    # Medical hook: DICOM (b"DICM" at byte 128) is dispatched here, before Pillow, to a pydicom
+    # decoder that applies the same ``max_pixels`` check to Rows x Columns x frames.
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+        width, height = img.size
+        if width * height > max_pixels:
+            raise BadInput(f"image too large: {width}x{height} = {width * height} pixels > limit {max_pixels}")
         # JPEG can decode at reduced scale directly: far cheaper than decode-then-shrink.
         img.draft("L" if channels == 1 else "RGB", (size, size))
         return _to_chw(img, size, channels)
+    except BadInput:
+        raise
     except UnidentifiedImageError:
-        raise BadInput("not an image (format not recognised)") from None
+        raise BadInput(f"not an image in an accepted format ({', '.join(PIL_FORMATS)})") from None
     except Image.DecompressionBombError as exc:
         raise BadInput(f"image too large to decode safely: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -110,13 +135,21 @@ class _FileReader:
     def __init__(self) -> None:
         self._filesystems: dict[str, Any] = {}
 
-    def read(self, uri: str) -> bytes:
+    def read(self, uri: str, max_bytes: int | None = None) -> bytes:
+        """The file's bytes; with ``max_bytes``, its size is checked (a stat) before reading, so
+        one huge (or sparse) file in an upload folder cannot exhaust a worker's memory."""
         scheme = uri.split("://", 1)[0] if storage.is_remote(uri) else "local"
         if scheme not in self._filesystems:
             self._filesystems[scheme] = storage.resolve(uri)[0]
         path = uri.split("://", 1)[1] if scheme != "local" else uri
-        with self._filesystems[scheme].open_input_stream(path) as stream:
-            return stream.read()
+        fs = self._filesystems[scheme]
+        if max_bytes is not None:
+            declared = fs.get_file_info(path).size
+            if declared is not None and declared > max_bytes:
+                raise BadInput(f"file too large: {declared} bytes > limit {max_bytes}")
+        with fs.open_input_stream(path) as stream:
+            # Read at most one byte past the limit: a file that grew after the stat is still refused.
+            return stream.read() if max_bytes is None else stream.read(max_bytes + 1)
 
 
 class ImagePreparer:
@@ -157,7 +190,8 @@ class ImagePreparer:
                 yield uri, -1, split, None, "file is not inside a class folder"
                 continue
             try:
-                yield uri, int(label), split, decode_image(self.reader.read(uri), o.image_size, o.channels, o.max_file_bytes), None
+                data = self.reader.read(uri, o.max_file_bytes)
+                yield uri, int(label), split, decode_image(data, o.image_size, o.channels, o.max_file_bytes, o.max_pixels), None
             except BadInput as exc:
                 yield uri, int(label), split, None, str(exc)
             except OSError as exc:  # unreadable file (permissions, vanished): still a reject, not a crash
@@ -278,7 +312,7 @@ class ImageWorkload(Workload):
         for path in batch["path"]:
             ids.append(path)
             try:
-                items.append(self.decode_item(reader.read(path), options, manifest))
+                items.append(self.decode_item(reader.read(path, options.max_file_bytes), options, manifest))
                 reasons.append(None)
             except BadInput as exc:
                 items.append(None)
@@ -289,9 +323,11 @@ class ImageWorkload(Workload):
         return items, ids, reasons
 
     def decode_item(self, payload: bytes, options: ImageOptions, manifest) -> np.ndarray:
-        return decode_image(payload, options.image_size, options.channels, options.max_file_bytes)
+        return decode_image(payload, options.image_size, options.channels, options.max_file_bytes, options.max_pixels)
 
-    def decode_request(self, payload: bytes, options: ImageOptions, manifest) -> list[tuple[Any, dict[str, Any]]]:
+    def decode_request(
+        self, payload: bytes, options: ImageOptions, manifest, max_items: int | None = None
+    ) -> list[tuple[Any, dict[str, Any]]]:
         return [(self.decode_item(payload, options, manifest), {})]
 
     def format_response(self, probabilities: list[np.ndarray], extras, classes: list[str], top_k: int) -> dict[str, Any]:
