@@ -1,20 +1,39 @@
-"""The HTTP endpoint answers real images and rejects bad bodies with JSON 4xx, then keeps serving."""
+"""The HTTP endpoint answers real images and rejects bad bodies with JSON 4xx, then keeps serving.
+
+A contract test: the model deployment gets an untrained in-memory model through its loader (the
+real image architecture and decoding, seeded random weights), so no training run is needed."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import secrets
 
 import pytest
 import requests
 from PIL import Image
 from ray import serve
 
+from ray_app.config import ServeConfig
 from ray_app.demo_data import first_digit_file
+from ray_app.runtime import unused_loopback_port
+from ray_app.serving.app import build_app, start_http
+from ray_app.serving.loaders import InMemoryLoader, untrained_model
+
+API_KEY = secrets.token_urlsafe(16)  # made per run; only its digest goes into the app
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+DIGITS = {"classes": [str(i) for i in range(10)], "shape": [1, 28, 28]}  # the image workload's manifest
 
 
 @pytest.fixture(scope="module")
-def endpoint(trained_workspace, start_endpoint):
-    yield start_endpoint("image", trained_workspace["workspace"], max_body_bytes=200_000, min_replicas=1, max_replicas=1)
+def endpoint(ray_session):
+    port = unused_loopback_port()
+    start_http(ServeConfig(port=port))
+    image = {"max_body_bytes": 200_000, "min_replicas": 1, "max_replicas": 1}
+    args = {"workloads": {"image": image}, "gateway": {"api_key_sha256": [hashlib.sha256(API_KEY.encode()).hexdigest()]}}
+    loader = InMemoryLoader({"production": untrained_model("image", DIGITS, version=1)})
+    serve.run(build_app(args, loaders={"image": loader}), name="image", route_prefix="/image")
+    yield f"http://127.0.0.1:{port}/image/predict"
     serve.shutdown()
 
 
@@ -24,7 +43,7 @@ def _digit(demo_images: str, digit: str) -> bytes:
 
 
 def test_real_image_gets_top_k_labels(endpoint, demo_images):
-    answer = requests.post(endpoint, data=_digit(demo_images, "1"), timeout=30)
+    answer = requests.post(endpoint, data=_digit(demo_images, "1"), headers=AUTH, timeout=30)
     assert answer.status_code == 200, answer.text
     predictions = answer.json()["predictions"]
     assert len(predictions) == 3
@@ -34,8 +53,8 @@ def test_real_image_gets_top_k_labels(endpoint, demo_images):
 
 def test_multipart_upload_and_raw_body_agree(endpoint, demo_images):
     image = _digit(demo_images, "7")
-    raw = requests.post(endpoint, data=image, timeout=30).json()
-    form = requests.post(endpoint, files={"file": ("seven.png", image, "image/png")}, timeout=30).json()
+    raw = requests.post(endpoint, data=image, headers=AUTH, timeout=30).json()
+    form = requests.post(endpoint, files={"file": ("seven.png", image, "image/png")}, headers=AUTH, timeout=30).json()
     assert raw["predictions"] == form["predictions"]
 
 
@@ -43,7 +62,7 @@ def test_jpeg_and_rgb_inputs_are_converted(endpoint, demo_images):
     rgb = Image.open(io.BytesIO(_digit(demo_images, "3"))).convert("RGB").resize((64, 64))
     buffer = io.BytesIO()
     rgb.save(buffer, format="JPEG")
-    assert requests.post(endpoint, data=buffer.getvalue(), timeout=30).status_code == 200
+    assert requests.post(endpoint, data=buffer.getvalue(), headers=AUTH, timeout=30).status_code == 200
 
 
 @pytest.mark.parametrize(
@@ -56,19 +75,19 @@ def test_jpeg_and_rgb_inputs_are_converted(endpoint, demo_images):
     ],
 )
 def test_bad_bodies_get_json_4xx_and_the_replica_keeps_serving(endpoint, demo_images, body, status, words):
-    answer = requests.post(endpoint, data=body, timeout=30)
+    answer = requests.post(endpoint, data=body, headers=AUTH, timeout=30)
     assert answer.status_code == status
     assert words in answer.json()["error"]["message"]
-    assert requests.post(endpoint, data=_digit(demo_images, "0"), timeout=30).status_code == 200
+    assert requests.post(endpoint, data=_digit(demo_images, "0"), headers=AUTH, timeout=30).status_code == 200
 
 
 def test_multipart_without_file_field_is_a_400(endpoint):
-    answer = requests.post(endpoint, files={"picture": ("x.png", b"abc")}, timeout=30)
+    answer = requests.post(endpoint, files={"picture": ("x.png", b"abc")}, headers=AUTH, timeout=30)
     assert answer.status_code == 400 and "'file'" in answer.json()["error"]["message"]
 
 
 def test_health_and_model_info(endpoint):
     base = endpoint.rsplit("/", 1)[0]
     assert requests.get(f"{base}/healthz", timeout=10).json() == {"status": "ok", "models": {"image": "loaded"}}
-    info = requests.get(f"{base}/model", timeout=10).json()
+    info = requests.get(f"{base}/model", headers=AUTH, timeout=10).json()
     assert info["version"] == 1 and info["classes"] == [str(i) for i in range(10)]

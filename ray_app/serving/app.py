@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from typing import Any
 
@@ -17,7 +18,8 @@ from ray.serve import Application
 
 from ray_app import storage
 from ray_app.config import AppConfig, ServeConfig
-from ray_app.serving.gateway import AppSettings, Gateway
+from ray_app.serving.gateway import AppSettings, Gateway, GatewayConfig
+from ray_app.serving.loaders import ModelLoader, RegistryLoader
 from ray_app.serving.model_server import ModelServer
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,7 @@ class ServeSettings(ServeConfig):
 
     workload: str = "image"
     models: str = Field("./workspace/models", description="model registry URI")
+    allow_unauthenticated: bool = Field(False, description="serve without an API key (otherwise one is required)")
 
 
 def app_settings(args: dict[str, Any]) -> AppSettings:
@@ -37,11 +40,13 @@ def app_settings(args: dict[str, Any]) -> AppSettings:
         return AppSettings.model_validate(args)
     single = ServeSettings.model_validate(args)
     return AppSettings(
-        models=single.models, workloads={single.workload: ServeConfig.model_validate(single.model_dump(exclude={"workload", "models"}))}
+        models=single.models,
+        workloads={single.workload: ServeConfig.model_validate(single.model_dump(exclude={"workload", "models", "allow_unauthenticated"}))},
+        gateway=GatewayConfig(allow_unauthenticated=single.allow_unauthenticated),
     )
 
 
-def model_deployment(workload: str, models: str, s: ServeConfig) -> Application:
+def model_deployment(workload: str, s: ServeConfig, loader: ModelLoader) -> Application:
     return ModelServer.options(
         name=f"{workload}-model",
         autoscaling_config={
@@ -58,16 +63,21 @@ def model_deployment(workload: str, models: str, s: ServeConfig) -> Application:
         ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
         # The model to serve is runtime config: changing it reconfigures replicas in place.
         user_config={"model": s.model},
-    ).bind(workload, models, s.model_dump())
+    ).bind(workload, s, loader)
 
 
-def build_app(args: dict[str, Any]) -> Application:
-    """Serve config entry point (``import_path: ray_app.serving.app:build_app``)."""
+def build_app(args: dict[str, Any], loaders: dict[str, ModelLoader] | None = None) -> Application:
+    """Serve config entry point (``import_path: ray_app.serving.app:build_app``). ``loaders``
+    (Python callers only) replaces the registry loader of the workloads it names, e.g. with
+    ``InMemoryLoader`` models in contract tests."""
     settings = app_settings(args)
     # Resolved here, in the process that reads the config, so replicas need not share its cwd.
     settings.models = storage.normalize(settings.models)
     g = settings.gateway
-    models = {name: model_deployment(name, settings.models, s) for name, s in settings.workloads.items()}
+    loaders = loaders or {}
+    models = {
+        name: model_deployment(name, s, loaders.get(name) or RegistryLoader(settings.models)) for name, s in settings.workloads.items()
+    }
     return Gateway.options(
         autoscaling_config={
             "min_replicas": g.min_replicas,
@@ -81,7 +91,17 @@ def build_app(args: dict[str, Any]) -> Application:
 
 
 def settings_from_config(config: AppConfig) -> dict[str, Any]:
-    return {"workload": config.workload, "models": config.models_uri(), **config.serve.model_dump()}
+    """A one-workload app from the CLI's config. Bound to loopback it is open (a developer's own
+    machine); bound anywhere else it needs a key ($RAY_APP_API_KEY), like the shipped configs."""
+    s = config.serve
+    return {"workload": config.workload, "models": config.models_uri(), **s.model_dump(), "allow_unauthenticated": is_loopback(s.host)}
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def start_http(s: ServeConfig, **http_options: Any) -> None:
@@ -92,6 +112,13 @@ def start_http(s: ServeConfig, **http_options: Any) -> None:
 def run_serve(config: AppConfig) -> dict[str, Any]:
     """Start (or reuse) Serve on the configured host/port and deploy this workload's app."""
     s = config.serve
+    if config.options:
+        # Replicas decode with the model's recorded options: a flag that contradicts them is
+        # refused here, before anything starts, instead of being silently ignored.
+        from ray_app.engine.scoring import stage_options
+        from ray_app.registry import resolve_model_uri
+
+        stage_options(config.workload, "serve", config.options, resolve_model_uri(config.models_uri(), config.workload, s.model))
     start_http(s)
     route_prefix = s.route_prefix or f"/{config.workload}"
     serve.run(build_app(settings_from_config(config)), name=config.workload, route_prefix=route_prefix)

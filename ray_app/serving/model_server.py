@@ -18,11 +18,8 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from ray_app import storage
-from ray_app.bundle import ModelBundle, load_bundle
 from ray_app.config import ServeConfig
-from ray_app.engine.scoring import pick_device
-from ray_app.registry import resolve_model_uri
+from ray_app.serving.loaders import ModelLoader, RegistryLoader, ServedModel
 from ray_app.serving.metrics import ModelMetrics
 from ray_app.workloads.base import BadInput
 
@@ -36,12 +33,17 @@ def follows_alias(ref: str) -> bool:
 
 @serve.deployment
 class ModelServer:
-    def __init__(self, workload: str, models: str, settings: dict[str, Any]) -> None:
-        self.workload_name, self.models = workload, models
+    """``ModelServer.bind(workload, settings, loader=...)``: ``settings`` is the workload's resolved
+    ``ServeConfig``; ``loader`` (a ``ray_app.serving.loaders.ModelLoader``) decides where models come
+    from — by default the registry at ``./workspace/models``. This module never imports torch
+    itself: only a loader that needs it does."""
+
+    def __init__(self, workload: str, settings: ServeConfig | dict[str, Any], loader: ModelLoader | None = None) -> None:
+        self.workload_name = workload
         self.settings = ServeConfig.model_validate(settings)
-        self.bundle: ModelBundle | None = None
+        self.loader = loader if loader is not None else RegistryLoader()
+        self.bundle: ServedModel | None = None
         self.model_ref, self.model_uri = self.settings.model, ""
-        self.device = pick_device(self.settings.num_gpus > 0)
         self.metrics = ModelMetrics(workload)
         self.predict_batch.set_max_batch_size(self.settings.max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
@@ -49,10 +51,10 @@ class ModelServer:
 
     # ---- versions -------------------------------------------------------------------------
     def _load(self, ref: str) -> bool:
-        uri = storage.normalize(resolve_model_uri(self.models, self.workload_name, ref))
+        uri = self.loader.resolve(self.workload_name, ref)
         if uri == self.model_uri and self.bundle is not None:
             return False
-        bundle = load_bundle(uri, self.device)
+        bundle = self.loader.load(self.workload_name, uri, self.settings.num_gpus > 0)
         # One assignment: a request sees the old bundle or the new one, never a mix.
         self.bundle, self.model_ref, self.model_uri = bundle, ref, uri
         log.info("%s: serving %s (version %s)", self.workload_name, uri, bundle.info.get("version"))
@@ -88,7 +90,7 @@ class ModelServer:
             "uri": self.model_uri,
             "classes": b.classes,
             "metrics": b.info.get("metrics"),
-            "device": str(self.device),
+            "device": str(b.device),
             "request_schema": b.workload.request_schema(b.options, b.manifest),
         }
 
@@ -112,12 +114,12 @@ class ModelServer:
         return {"status": 200, "body": {"model": {"workload": self.workload_name, "version": b.info.get("version")}, **answer}}
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def predict_batch(self, items: list[tuple[ModelBundle, Any]]) -> list[np.ndarray]:
+    async def predict_batch(self, items: list[tuple[ServedModel, Any]]) -> list[np.ndarray]:
         # The forward pass runs off the event loop (torch releases the GIL), so the replica keeps
         # decoding the next requests and answering Serve's health and queue-length probes meanwhile.
         return await asyncio.to_thread(self._forward, items)
 
-    def _forward(self, items: list[tuple[ModelBundle, Any]]) -> list[np.ndarray]:
+    def _forward(self, items: list[tuple[ServedModel, Any]]) -> list[np.ndarray]:
         # During a switch a batch can hold items decoded for two versions: each runs on its own.
         results: list[np.ndarray | None] = [None] * len(items)
         labels: list[str] = []
