@@ -18,22 +18,27 @@ from pydantic import BaseModel
 from safetensors.torch import load_model, save_model
 
 from ray_app import storage
+from ray_app.bundle_format import (
+    BUNDLE_FILE,
+    BUNDLE_FORMAT_VERSION,
+    WEIGHTS_FILE,
+    BundleError,
+    UnsupportedBundleFormat,
+    check_format_version,
+)
 from ray_app.workloads import get_workload
 from ray_app.workloads.base import Workload
 
-WEIGHTS_FILE = "model.safetensors"
-BUNDLE_FILE = "bundle.json"
-# Bump when a bundle written by new code could be misread by old code (or the reverse), and teach
-# load_bundle to read every older version. Bundles from before the field existed are version 1.
-BUNDLE_FORMAT_VERSION = 1
-
-
-class BundleError(ValueError):
-    """A bundle that cannot be loaded; the message names the file and what is wrong."""
-
-
-class UnsupportedBundleFormat(BundleError):
-    """A bundle written by a newer ray_app than this one."""
+__all__ = [
+    "BUNDLE_FILE",
+    "BUNDLE_FORMAT_VERSION",
+    "WEIGHTS_FILE",
+    "BundleError",
+    "ModelBundle",
+    "UnsupportedBundleFormat",
+    "load_bundle",
+    "save_bundle",
+]
 
 
 def sha256_file(path: str) -> str:
@@ -83,16 +88,6 @@ def _read_json(path: str, uri: str, *required: str) -> dict[str, Any]:
     if missing:
         raise BundleError(f"{uri} is damaged: missing {', '.join(missing)}")
     return data
-
-
-def check_format_version(info: dict[str, Any], uri: str) -> int:
-    version = info.get("format_version", 1)
-    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= BUNDLE_FORMAT_VERSION:
-        raise UnsupportedBundleFormat(
-            f"{uri}: bundle format_version {version!r} is not one this ray_app reads (1..{BUNDLE_FORMAT_VERSION}); "
-            "it was written by a newer ray_app: upgrade ray_app to load it"
-        )
-    return version
 
 
 def read_bundle_info(uri: str, folder: str) -> dict[str, Any]:

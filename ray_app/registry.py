@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from ray_app import storage
-from ray_app.bundle import BUNDLE_FILE, WEIGHTS_FILE
+from ray_app.bundle_format import BUNDLE_FILE, WEIGHTS_FILE, BundleError, check_format_version
 from ray_app.registry_store import RegistryCorrupt, RegistryError, RegistryStore, RegistryWriteError
 
 __all__ = ["ModelRegistry", "RegistryCorrupt", "RegistryError", "RegistryWriteError", "resolve_model_uri"]
@@ -108,13 +108,19 @@ class ModelRegistry:
         """Copy a bundle in as a new version (safe to call concurrently: each call gets its own
         number), then optionally move ``alias`` to it."""
         bundle_uri = storage.normalize(bundle_uri)
+        bundle_json = storage.join(bundle_uri, BUNDLE_FILE)
+        try:
+            bundle_info = storage.read_json(bundle_json)
+        except ValueError as exc:
+            raise BundleError(f"{bundle_json} is damaged: not valid JSON ({exc})") from None
+        if not isinstance(bundle_info, dict) or "weights_sha256" not in bundle_info:
+            raise BundleError(f"{bundle_json} is damaged: no weights_sha256 recorded")
+        # Refuse before taking a number: a version nobody can load must not be registered.
+        check_format_version(bundle_info, bundle_json)
         version = self._claim_version(workload, bundle_uri)
         folder = f"{workload}/{version}"
         for name in (WEIGHTS_FILE, BUNDLE_FILE):  # not the optimizer state: serving never needs it
             self.store.copy_in(storage.join(bundle_uri, name), f"{folder}/{name}")
-        bundle_info = self.store.read_json(f"{folder}/{BUNDLE_FILE}")
-        if not isinstance(bundle_info, dict) or "weights_sha256" not in bundle_info:
-            raise RegistryCorrupt(storage.join(bundle_uri, BUNDLE_FILE), "no weights_sha256 recorded")
         record = {
             **metadata,
             "workload": workload,
