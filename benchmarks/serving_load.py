@@ -442,7 +442,9 @@ def _gpu_name(device: str) -> str | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # allow_abbrev=False: with abbreviations on, a flag that is a prefix of another (``--ab`` of
+    # ``--ab-concurrency``) is read as that other flag.
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32, 64])
     parser.add_argument("--seconds", type=float, default=8, help="per sweep point")
@@ -461,7 +463,9 @@ def main() -> None:
     parser.add_argument(
         "--fast-path", action="store_true", help="Serve on its fast path (HAProxy ingress, gRPC), as the cluster configs run it"
     )
-    parser.add_argument("--no-ab", dest="ab", action="store_false", help="skip measuring Serve in the other mode too")
+    parser.add_argument(
+        "--ab", action=argparse.BooleanOptionalAction, default=True, help="measure Serve in the other mode too (--no-ab: skip it)"
+    )
     parser.add_argument("--ab-concurrency", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--no-plot", dest="plot", action="store_false")
     parser.add_argument("--json", help="write all results here instead of benchmarks/results/serving_load_<case>.json")
