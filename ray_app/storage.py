@@ -218,10 +218,10 @@ def published(uri: str) -> str:
 def _publish_local(final: str, staged: str, token: str) -> None:
     parent, name = os.path.split(final)
     version = os.path.join(parent, f".{name}.v-{token}")
+    _recover_local(final)  # a half-done flip of another run: completed first, then replaced
     os.rename(staged, version)  # complete: from now on a version, no longer a staging folder
     link = os.path.join(parent, f".{name}.link-{token}")
     os.symlink(os.path.basename(version), link)  # relative: the workspace can be moved as a whole
-    _recover_local(final)
     previous = os.path.realpath(final) if os.path.islink(final) else None
     if os.path.isdir(final) and not os.path.islink(final):
         # A real folder (older layout): move it aside; a kill right here leaves ``final`` missing
