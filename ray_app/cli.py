@@ -136,6 +136,12 @@ def run_cli(argv: list[str] | None = None) -> dict[str, Any]:
         config = config_mod.load_config(args.workload, args.config, parse_overrides(args))
     except ValueError as exc:  # pydantic ValidationError included: say which field is wrong
         raise SystemExit(f"invalid configuration: {exc}") from None
+    from ray_app.engine.guards import refuse_overlapping_output
+
+    try:  # before Ray starts: an output over an input is refused at once, with nothing touched
+        refuse_overlapping_output(args.stage, config)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
     from ray_app.runtime import connect
 

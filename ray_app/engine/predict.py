@@ -15,6 +15,7 @@ from ray.data import SaveMode
 
 from ray_app import storage
 from ray_app.config import AppConfig, save_config
+from ray_app.engine.guards import predict_inputs, refuse_overlapping_output
 from ray_app.engine.scoring import BatchPredictor
 from ray_app.prepared import SUMMARY_FILE, count_rows, ok_uri, rejected_uri
 from ray_app.registry import resolve_model_uri
@@ -37,31 +38,16 @@ def scored_dataset(
     )
 
 
-def predict_inputs(config: AppConfig) -> list[str]:
-    """The input URIs: ``--input``, or the lines of ``--input-list`` (one URI per line)."""
-    p = config.predict
-    if p.input and p.input_list:
-        raise ValueError("predict takes --input or --input-list, not both")
-    if p.input_list:
-        lines = storage.read_bytes(p.input_list).decode().splitlines()
-        inputs = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-        if not inputs:
-            raise ValueError(f"the input list {p.input_list} names no input")
-        return inputs
-    if not p.input:
-        raise ValueError("predict needs --input: the items to score (or --input-list)")
-    return [p.input]
-
-
 def run_predict(config: AppConfig) -> dict[str, Any]:
     p = config.predict
     inputs = predict_inputs(config)
+    # Before anything is read or written: publishing the output replaces what it names.
+    refuse_overlapping_output("predict", config)
     workload = get_workload(config.workload)
     options = workload.parse_options(config.options)
     model_uri = resolve_model_uri(config.models_uri(), config.workload, p.model)
     output = config.predictions_uri()
-    # Before anything is read or written: publishing the output replaces what it names.
-    storage.refuse_overlap("predict", output, [*inputs, p.input_list, model_uri])
+    storage.refuse_overlap("predict", output, [model_uri])
     started = time.perf_counter()
 
     parts = [workload.read_predict_inputs(uri, options, p.batch_size) for uri in inputs]

@@ -19,6 +19,7 @@ from ray.data import SaveMode
 
 from ray_app import storage
 from ray_app.config import AppConfig, save_config
+from ray_app.engine.guards import refuse_overlapping_output
 from ray_app.prepared import MANIFEST_FILE, STATUS_REJECTED, SUMMARY_FILE, count_rows, ok_uri, rejected_uri
 from ray_app.workloads import get_workload
 from ray_app.workloads.base import PrepareInputs, Workload
@@ -45,7 +46,7 @@ def run_prepare(config: AppConfig) -> dict[str, Any]:
     workload = get_workload(config.workload)
     options = workload.parse_options(config.options)
     output = config.prepared_uri()
-    storage.refuse_overlap("prepare", output, [config.prepare.input])
+    refuse_overlapping_output("prepare", config)
     started = time.perf_counter()
 
     inputs = workload.read_prepare_inputs(
