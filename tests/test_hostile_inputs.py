@@ -9,8 +9,12 @@ and a model replica's memory may grow by at most ``MEMORY_GROWTH_BOUND`` across 
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
+import secrets
+import socket
 import struct
 import time
 import tracemalloc
@@ -18,9 +22,13 @@ import zlib
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
+import requests
+import yaml
 from PIL import Image
 
+from ray_app.runtime import unused_loopback_port
 from ray_app.workloads.base import BadInput
 from ray_app.workloads.ctr import CTRPreparer, CTRWorkload
 from ray_app.workloads.image import ImageOptions, ImageWorkload, decode_image
@@ -151,7 +159,7 @@ def test_a_huge_text_is_clipped_before_tokenizing(text_workload):
         b'{"texts": ["\\ud800"]}',  # a lone surrogate
         b'{"texts": [123456789012345678901234567890123456789012345678901234567890]}',
         b'{"texts": ["ok"], "extra": 1}',
-        "{\"texts\": [\"\u202e\u0000\ufeff\"]}".encode(),
+        '{"texts": ["\u202e\u0000\ufeff"]}'.encode(),
         b"\xff\xfe not utf-8",
     ],
 )
@@ -202,3 +210,212 @@ def test_events_without_a_usable_timestamp_are_rejected_not_put_in_test():
     assert out["reject_reason"].tolist()[2:] == ["timestamp: missing or not a number"] * 2
     assert out["split"].tolist()[:2] == ["train", "val"]
 
+
+# ---- the corpus over HTTP, against the serving app -------------------------------------------
+API_KEY = secrets.token_urlsafe(16)
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+APP_CONFIG = os.path.join(os.path.dirname(__file__), "..", "cluster", "serve", "app.yaml")
+ANSWER_WITHIN_S = 2.0
+BODY_TIMEOUT_S = 1.0  # the app's body deadline here: a slow body is answered 408 within the 2 s
+# A model replica's resident memory may grow by at most this across the whole corpus (after a
+# warm-up). Decoding one 100 Mpx bomb would take 100 MB (grayscale) to 400 MB (RGBA) at once.
+MEMORY_GROWTH_BOUND = 64 * 1024 * 1024
+SMALL_MODELS = {
+    "image": ({"image_size": 28, "channels": 1, "width": 4}, {"classes": [str(i) for i in range(10)], "shape": [1, 28, 28]}),
+    "text": ({"max_length": 64}, {"classes": ["fresh", "rotten"], "split_fractions": [0.1, 0.1], "max_length": 64, "model_dir": None}),
+    "ctr": ({"numeric_columns": ["age"], "categorical_columns": ["user"], "buckets": 16}, CTR_MANIFEST),
+}
+
+
+def small_registry(root: str) -> str:
+    """Each workload's real model architecture with seeded random weights, registered as version 1
+    under alias production: the serving path is under test here, not what the models learned."""
+    import torch
+
+    from ray_app.bundle import save_bundle
+    from ray_app.registry import ModelRegistry
+    from ray_app.workloads import get_workload
+
+    models = os.path.join(root, "models")
+    for name, (options, manifest) in SMALL_MODELS.items():
+        workload = get_workload(name)
+        parsed = workload.parse_options(options)
+        torch.manual_seed(0)
+        model = workload.build_model(parsed, manifest, pretrained=False).eval()
+        bundle = os.path.join(root, f"{name}-bundle")
+        save_bundle(model, bundle, {"workload": name, "options": parsed.model_dump(mode="json"), "manifest": manifest, "metrics": {}})
+        ModelRegistry(models).register(name, bundle, {"run_name": "hostile"}, alias="production")
+    return models
+
+
+def app_args(models: str) -> dict:
+    """The shipped config's args, sized for 2 CPUs: every model on one replica, always on."""
+    with open(APP_CONFIG) as f:
+        args = yaml.safe_load(f)["applications"][0]["args"]
+    args["models"] = models
+    args["gateway"].update(api_key_sha256=[hashlib.sha256(API_KEY.encode()).hexdigest()], body_timeout_s=BODY_TIMEOUT_S, num_cpus=0)
+    for workload in args["workloads"].values():
+        workload.update(num_cpus=0.25, min_replicas=1, max_replicas=1, alias_poll_s=0.5)
+    return args
+
+
+def replica_processes(app: str) -> dict[str, psutil.Process]:
+    found = {}
+    for p in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(p.info["cmdline"] or [])
+        for name in SMALL_MODELS:
+            if f"ServeReplica:{app}:{name}-model" in cmdline:
+                found[name] = p
+    return found
+
+
+@pytest.fixture(scope="module")
+def hostile_app(ray_session, tmp_path_factory) -> str:
+    from ray import serve
+
+    from ray_app.serving.app import build_app
+
+    models = small_registry(str(tmp_path_factory.mktemp("hostile")))
+    port = unused_loopback_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(app_args(models)), name="hostile", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while requests.get(f"{url}/readyz", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline, "the app never got ready"
+        time.sleep(0.5)
+    yield {"url": url, "models": models}
+    serve.shutdown()
+
+
+def _raw_request(url: str, head: str, body: bytes, pause_s: float = 0.0) -> tuple[int, bytes]:
+    """Send a request by hand (for bodies ``requests`` will not send): the head, part of the body,
+    then (after ``pause_s``) nothing more; returns the status and the answer's body."""
+    host, port = url.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head.encode() + body)
+        if pause_s:
+            time.sleep(pause_s)
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < _content_length(answer):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head_bytes, _, payload = answer.partition(b"\r\n\r\n")
+    return int(head_bytes.split()[1]), payload
+
+
+def _content_length(answer: bytes) -> int:
+    for line in answer.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":", 1)[1])
+    return 0
+
+
+def _chunked(total: int, piece: int = 1 << 20):
+    """A body without Content-Length (``Transfer-Encoding: chunked``)."""
+    for _ in range(total // piece):
+        yield b"\x00" * piece
+
+
+def corpus() -> list[tuple[str, str, dict, object, set[int]]]:
+    """(case, route, headers, body, accepted statuses). Bodies are built once per test run."""
+    deep = b"[" * 5000 + b"]" * 5000
+    huge_int = b"9" * 400
+    unicode_cases = ["\ud800", "\u202e\u0000\ufeff", "\U0010ffff" * 100, "e\u0301" * 1000]
+    json_type = {"Content-Type": "application/json"}
+    cases: list[tuple[str, str, dict, object, set[int]]] = [
+        ("100 Mpx PNG bomb", "image", {"Content-Type": "image/png"}, png_bomb(10_000, 10_000), {422}),
+        ("170 Mpx PNG bomb", "image", {"Content-Type": "image/png"}, png_bomb(17_000, 10_000), {422}),
+        ("200 Mpx PNG bomb", "image", {"Content-Type": "image/png"}, png_bomb(20_000, 10_000), {422}),
+        *((f"{fmt} image", "image", {}, encoded(fmt), {422}) for fmt in ("GIF", "BMP", "TIFF", "WEBP", "ICO")),
+        ("JSON to the image route", "image", json_type, b'{"texts": ["hello"]}', {422}),
+        ("PNG to the text route", "text", {"Content-Type": "image/png"}, encoded("PNG"), {422}),
+        ("PNG to the click route", "ctr", {"Content-Type": "image/png"}, encoded("PNG"), {422}),
+        ("form without a file field", "text", {"Content-Type": "multipart/form-data; boundary=x"}, b"--x--\r\n", {400}),
+        ("form with a broken boundary", "image", {"Content-Type": "multipart/form-data; boundary=x"}, b"--y\r\njunk", {400}),
+        ("200k tiny texts", "text", json_type, b'{"texts": [' + b",".join([b'"a"'] * 200_000) + b"]}", {422}),
+        ("10k texts", "text", json_type, json.dumps({"texts": ["a film"] * 10_000}).encode(), {422}),
+        ("10k events", "ctr", json_type, json.dumps({"events": [{"age": 3, "user": "u"}] * 10_000}).encode(), {422}),
+        ("10k-item top-level list", "ctr", json_type, json.dumps([1] * 10_000).encode(), {422}),
+        ("2 MB of JSON", "text", json_type, json.dumps({"texts": ["x" * 2_000_000]}).encode(), {413}),
+        ("chunked 20 MB without Content-Length", "image", {}, _chunked(20 << 20), {413}),
+        ("chunked 2 MB of JSON", "ctr", json_type, _chunked(2 << 20), {413}),
+        ("400-digit age", "ctr", json_type, b'{"age": ' + huge_int + b', "user": "u"}', {422}),
+        ("400-digit negative age", "ctr", json_type, b'{"age": -' + huge_int + b', "user": "u"}', {422}),
+        ("5000-digit age", "ctr", json_type, b'{"age": ' + b"9" * 5000 + b', "user": "u"}', {422}),
+        ("1e400 age", "ctr", json_type, b'{"age": 1e400, "user": "u"}', {422}),
+        ("age as a string", "ctr", json_type, b'{"age": "NaN", "user": "u"}', {422}),
+        ("400-digit text", "text", json_type, b'{"texts": [' + huge_int + b"]}", {422}),
+        ("empty JSON object", "ctr", json_type, b"{}", {422}),
+        ("JSON null", "text", json_type, b"null", {422}),
+        ("invalid UTF-8", "text", json_type, b'{"texts": ["\xff\xfe"]}', {422}),
+        ("UTF-16 JSON", "text", json_type, '{"texts": ["a"]}'.encode("utf-16"), {422}),
+        ("empty body", "ctr", json_type, b"", {400}),
+        *((f"{depth}-deep JSON to {route}", route, json_type, deep, {422}) for route in SMALL_MODELS for depth in [5000]),
+        *(
+            (f"unicode edge case {i} ({route})", route, json_type, json.dumps(body).encode(), {422} if route == "ctr" else {200, 422})
+            for i, text in enumerate(unicode_cases)
+            for route, body in (("text", {"texts": [text]}), ("ctr", {"age": text, "user": text}))
+        ),
+        ("lone surrogate escape", "text", json_type, b'{"texts": ["\\ud800"]}', {200, 422}),
+    ]
+    return cases
+
+
+def _post(url: str, route: str, headers: dict, body) -> tuple[int, float, requests.Response]:
+    started = time.monotonic()
+    answer = requests.post(f"{url}/{route}/predict", data=body, headers={**AUTH, **headers}, timeout=30)
+    return answer.status_code, time.monotonic() - started, answer
+
+
+def test_the_corpus_gets_fast_json_4xx_and_replicas_survive(hostile_app):
+    url = hostile_app["url"]
+    warm = {"image": encoded("PNG"), "text": b'{"texts": ["a warm-up"]}', "ctr": b'{"age": 30, "user": "u1"}'}
+    for _ in range(3):  # first forward passes, tokenizer and schema caches: not growth
+        for route, body in warm.items():
+            assert _post(url, route, {}, body)[0] == 200
+    before = replica_processes("hostile")
+    assert set(before) == set(SMALL_MODELS)
+    rss_before = {name: p.memory_info().rss for name, p in before.items()}
+    slow = []
+    for case, route, headers, body, accepted in corpus():
+        status, seconds, answer = _post(url, route, headers, body)
+        assert status in accepted, f"{case}: {status} {answer.text[:300]}"
+        if status >= 400:
+            assert answer.json()["error"]["status"] == status, case
+        if seconds > ANSWER_WITHIN_S:
+            slow.append(f"{case}: {seconds:.2f} s")
+    # A huge valid text is not refused: it is clipped and answered, also fast.
+    status, seconds, answer = _post(url, "text", {}, json.dumps({"texts": ["lovely film " * 80_000]}).encode())
+    assert status == 200 and answer.json()["results"][0]["truncated"] is True
+    if seconds > ANSWER_WITHIN_S:
+        slow.append(f"a 960 kB text: {seconds:.2f} s")
+    assert not slow, slow
+    after = replica_processes("hostile")
+    assert {n: p.pid for n, p in after.items()} == {n: p.pid for n, p in before.items()}, "a model replica died"
+    growth = {name: p.memory_info().rss - rss_before[name] for name, p in after.items()}
+    assert max(growth.values()) <= MEMORY_GROWTH_BOUND, {n: f"{g / 2**20:.0f} MiB" for n, g in growth.items()}
+
+
+def test_a_slow_body_gets_408_in_time_and_frees_its_slot(hostile_app):
+    url = hostile_app["url"]
+    head = f"POST /image/predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nContent-Length: 100000\r\n\r\n"
+    started = time.monotonic()
+    status, payload = _raw_request(url, head, b"\x89PNG" + b"\x00" * 100)
+    waited = time.monotonic() - started
+    assert status == 408 and json.loads(payload)["error"]["status"] == 408
+    assert BODY_TIMEOUT_S - 0.2 < waited < ANSWER_WITHIN_S, waited
+    chunked = f"POST /text/predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    status, _ = _raw_request(url, chunked, b'5\r\n{"tex\r\n')
+    assert status == 408
+    assert _post(url, "image", {}, encoded("PNG"))[0] == 200
+
+
+def test_liveness_and_readiness(hostile_app):
+    url = hostile_app["url"]
+    assert requests.get(f"{url}/livez", timeout=5).json() == {"status": "alive"}
+    ready = requests.get(f"{url}/readyz", timeout=10)
+    assert ready.status_code == 200 and ready.json()["models"] == {name: "loaded" for name in SMALL_MODELS}
+    assert requests.get(f"{url}/healthz", timeout=10).json() == ready.json()

@@ -8,6 +8,7 @@ Models (and the preprocessing that belongs to their version) stay in the model d
 """
 
 import asyncio
+import collections
 import hashlib
 import hmac
 import importlib.resources
@@ -34,9 +35,15 @@ log = logging.getLogger("ray.serve")  # Serve's logger: lines land in the replic
 
 WorkloadName = Literal["image", "text", "ctr"]
 # A replica that dies mid-request (scale-down, node loss, a crash) costs a retry, not a failure:
-# inference is idempotent.
+# inference is idempotent. But the request itself may be what killed it (a decode or forward pass
+# that runs out of memory): so it is retried on at most one more replica, and a body that was in
+# flight at two replica deaths is refused from then on instead of taking down the fleet.
 REPLICA_LOST = RayActorError
-MAX_ATTEMPTS = 3
+MAX_REPLICAS_PER_REQUEST = 2
+SUSPECTS_REMEMBERED = 1024
+# Readiness probes of the model deployments: a probe queued behind predictions for this long is
+# "busy", not "down" (the last answer stands), so load never makes a load balancer drop the app.
+READY_PROBE_S = 2.0
 
 PREDICT_BODY = {
     "requestBody": {
@@ -65,6 +72,10 @@ class GatewayConfig(BaseModel):
     api_key_env: str = Field(
         "RAY_APP_API_KEY", description="an API key in this environment variable (on the gateway's node) is accepted too"
     )
+    allow_unauthenticated: bool = Field(
+        False, description="serve inference routes without any key; otherwise, with no key configured they answer 401"
+    )
+    body_timeout_s: float = Field(10.0, gt=0, description="a request body not fully received in time gets a 408")
 
 
 class AppSettings(BaseModel):
@@ -106,30 +117,68 @@ class Gateway:
         self.models = models
         env_key = os.environ.get(self.settings.gateway.api_key_env, "")
         self.key_digests = set(self.settings.gateway.api_key_sha256) | ({key_digest(env_key)} if env_key else set())
+        if not self.key_digests and not self.settings.gateway.allow_unauthenticated:
+            log.error(
+                "no API key configured (api_key_sha256 or $%s): inference routes answer 401 until one is, "
+                "or allow_unauthenticated: true is set",
+                self.settings.gateway.api_key_env,
+            )
         self.metrics = GatewayMetrics()
         self.page = importlib.resources.files("ray_app.serving").joinpath("page.html").read_text()
+        # Body digest -> replica deaths it was in flight at (bounded, oldest forgotten first).
+        self.suspects: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self.model_states: dict[str, dict[str, Any]] = {}
 
     # ---- open routes ------------------------------------------------------------------------
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def try_it_page(self) -> str:
         return self.page
 
+    @api.get("/livez")
+    async def livez(self) -> dict[str, str]:
+        """Liveness: this gateway's event loop answers. Never calls a model, so it cannot wait
+        behind predictions; a load balancer that drops on it drops only a wedged gateway."""
+        return {"status": "alive"}
+
+    @api.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        """Readiness: every model that should be running has a replica with its model loaded, and
+        no replica reports a stale model (a failed alias poll) or a failed load. A model scaled to
+        zero counts as ready (it loads on its first request) and is not woken."""
+        names = [n for n, limits in self.settings.workloads.items() if limits.min_replicas > 0]
+        probed = await asyncio.gather(*(self._probe(name) for name in names))
+        states: dict[str, Any] = {n: "scaled to zero until requested" for n in self.settings.workloads if n not in names}
+        states.update(zip(names, probed, strict=True))
+        ready = all(not isinstance(state, dict) or state["ready"] for state in states.values())
+        summary = {n: (state["state"] if isinstance(state, dict) else state) for n, state in states.items()}
+        problems = {n: state["problem"] for n, state in states.items() if isinstance(state, dict) and state.get("problem")}
+        content = {"status": "ok" if ready else "not ready", "models": summary, **({"problems": problems} if problems else {})}
+        return JSONResponse(status_code=200 if ready else 503, content=content)
+
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        """Ready when every model that should be running has a replica with its model loaded; a
-        model scaled to zero counts as ready (it loads on its first request) and is not woken."""
-        states: dict[str, str] = {}
-        for name, limits in self.settings.workloads.items():
-            if limits.min_replicas == 0:
-                states[name] = "scaled to zero until requested"
-                continue
-            try:
-                loaded = await asyncio.wait_for(self._call(name, "ready"), timeout=2)
-                states[name] = "loaded" if loaded else "loading"
-            except Exception:  # noqa: BLE001 - any failure here means "not ready yet"
-                states[name] = "loading"
-        ready = all(state != "loading" for state in states.values())
-        return JSONResponse(status_code=200 if ready else 503, content={"status": "ok" if ready else "loading", "models": states})
+        """Readiness under its historical name (``/readyz``); liveness is ``/livez``."""
+        return await self.readyz()
+
+    async def _probe(self, name: str) -> dict[str, Any]:
+        try:
+            answer = await asyncio.wait_for(self._call(name, "ready"), timeout=READY_PROBE_S)
+            # ``ModelServer.ready``: {"loaded", "stale", "problem"} (a bare bool from older replicas).
+            health = answer if isinstance(answer, dict) else {"loaded": bool(answer)}
+        except asyncio.TimeoutError:
+            # Queued behind predictions: busy, not down. The last answer stands (loading at first).
+            last = self.model_states.get(name, {"ready": False, "state": "loading"})
+            return {**last, "state": f"{last['state']} (busy)"}
+        except Exception as exc:  # noqa: BLE001 - any failure here means "not ready"
+            health = {"loaded": False, "problem": f"{type(exc).__name__}"}
+        if not health.get("loaded"):
+            state = {"ready": False, "state": "failed" if health.get("problem") else "loading", "problem": health.get("problem")}
+        elif health.get("stale"):
+            state = {"ready": False, "state": "stale", "problem": health.get("problem")}
+        else:
+            state = {"ready": True, "state": "loaded", "problem": None}
+        self.model_states[name] = state
+        return state
 
     # ---- routes behind the API key --------------------------------------------------------
     @api.get("/v1/models")
@@ -156,8 +205,8 @@ class Gateway:
         try:
             self._authorize(request)
             limits = self._limits(workload)
-            payload = await read_body(request, limits.max_body_bytes)
-            answer = await self._call(workload, "predict", payload)
+            payload = await read_body(request, limits.max_body_bytes, self.settings.gateway.body_timeout_s)
+            answer = await self._predict(workload, payload)
             if answer["status"] != 200:
                 raise RequestError(answer["status"], answer["message"])
             status = 200
@@ -181,7 +230,15 @@ class Gateway:
     # ---- helpers --------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
         if not self.key_digests:
-            return
+            if self.settings.gateway.allow_unauthenticated:
+                return
+            # Closed by default: a config that forgot its key must not serve the world.
+            raise RequestError(
+                401,
+                f"no API key is configured on this server: set ${self.settings.gateway.api_key_env} or "
+                "gateway.api_key_sha256 (or gateway.allow_unauthenticated: true)",
+                {"WWW-Authenticate": "Bearer"},
+            )
         header = request.headers.get("authorization", "")
         key = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else request.headers.get("x-api-key", "")
         if not key:
@@ -198,11 +255,26 @@ class Gateway:
     def _only_workload(self) -> str:
         return next(iter(self.models)) if len(self.models) == 1 else "none"
 
-    async def _call(self, workload: str, method: str, *args: Any) -> Any:
+    async def _predict(self, workload: str, payload: bytes) -> dict[str, Any]:
+        """A prediction, with the poison-pill guard: a body that was in flight when replicas died
+        is tried on at most ``MAX_REPLICAS_PER_REQUEST`` replicas, and refused once it has been."""
+        digest = hashlib.blake2b(payload, digest_size=16).hexdigest()
+        if self.suspects.get(digest, 0) >= MAX_REPLICAS_PER_REQUEST:
+            raise RequestError(422, f"this request was in flight when {MAX_REPLICAS_PER_REQUEST} model replicas died; it is not run again")
+        try:
+            return await self._call(workload, "predict", payload, max_attempts=MAX_REPLICAS_PER_REQUEST)
+        except ReplicasLost as lost:
+            self.suspects[digest] = self.suspects.pop(digest, 0) + lost.deaths
+            while len(self.suspects) > SUSPECTS_REMEMBERED:
+                self.suspects.popitem(last=False)
+            log.error("%s: a request was in flight at %d replica deaths; not retrying it", workload, lost.deaths)
+            raise RequestError(422, f"this request was in flight when {lost.deaths} model replicas died; it is not run again") from None
+
+    async def _call(self, workload: str, method: str, *args: Any, max_attempts: int = 3) -> Any:
         """One call to a workload's model deployment, bounded in time, with overload as a 503 and
-        a replica lost mid-request retried on another one."""
+        a replica lost mid-request retried on another one (up to ``max_attempts`` replicas)."""
         limits = self._limits(workload)
-        for attempt in range(1, MAX_ATTEMPTS + 1):
+        for attempt in range(1, max_attempts + 1):
             response = getattr(self.models[workload], method).remote(*args)
             try:
                 return await asyncio.wait_for(response, timeout=limits.request_timeout_s)
@@ -217,7 +289,15 @@ class Gateway:
                 log.exception("%s: %s failed inside the model replica", workload, method)
                 raise RequestError(500, f"{workload}: internal error while running the model") from None
             except REPLICA_LOST:
-                if attempt == MAX_ATTEMPTS:
-                    raise RequestError(503, f"{workload} replicas kept failing; retry later", {"Retry-After": "1"}) from None
+                if attempt == max_attempts:
+                    raise ReplicasLost(attempt) from None
                 log.warning("%s: replica lost during %s, retrying (attempt %d)", workload, method, attempt)
         raise AssertionError("unreachable")
+
+
+class ReplicasLost(RequestError):
+    """Every replica a call was tried on died while running it."""
+
+    def __init__(self, deaths: int) -> None:
+        super().__init__(503, f"model replicas kept failing ({deaths}); retry later", {"Retry-After": "1"})
+        self.deaths = deaths

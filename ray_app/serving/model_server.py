@@ -12,6 +12,8 @@ while the old one keeps answering; requests in flight finish on the bundle they 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import logging
 from typing import Any
 
@@ -24,6 +26,7 @@ from ray_app.serving.metrics import ModelMetrics
 from ray_app.workloads.base import BadInput
 
 log = logging.getLogger("ray.serve")  # Serve's logger: lines land in the replica's log file
+DECODE_THREADS = 4
 
 
 def follows_alias(ref: str) -> bool:
@@ -48,13 +51,30 @@ class ModelServer:
         self.predict_batch.set_max_batch_size(self.settings.max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
         self._alias_watch: asyncio.Task | None = None
+        # The reference to serve, set the moment a reconfigure (a pin) arrives; loads are
+        # serialized by the lock, and a load whose reference is no longer wanted when it finishes
+        # is dropped, so an alias poll in flight can never undo a pin that came after it.
+        self.wanted_ref = self.settings.model
+        self._load_lock = asyncio.Lock()
+        # Set when the last alias poll failed (registry unreadable, new version unloadable): the
+        # replica keeps serving what it has and readiness reports it as stale.
+        self.problem: str | None = None
+        # Request decoding (image decode, tokenizing, JSON validation) runs here, off the event
+        # loop and apart from the forward passes' threads, so a burst of costly bodies delays
+        # neither Serve's probes nor the batches already decoded.
+        self._decoders = concurrent.futures.ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="decode")
 
     # ---- versions -------------------------------------------------------------------------
     def _load(self, ref: str) -> bool:
         uri = self.loader.resolve(self.workload_name, ref)
         if uri == self.model_uri and self.bundle is not None:
+            if ref == self.wanted_ref:  # e.g. a pin to the version already served
+                self.model_ref = ref
             return False
         bundle = self.loader.load(self.workload_name, uri, self.settings.num_gpus > 0)
+        if ref != self.wanted_ref:  # a pin arrived while this loaded: it wins
+            log.info("%s: dropping %s (loaded for %r; %r is wanted now)", self.workload_name, uri, ref, self.wanted_ref)
+            return False
         # One assignment: a request sees the old bundle or the new one, never a mix.
         self.bundle, self.model_ref, self.model_uri = bundle, ref, uri
         log.info("%s: serving %s (version %s)", self.workload_name, uri, bundle.info.get("version"))
@@ -62,24 +82,44 @@ class ModelServer:
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         # Serve calls this before the replica takes traffic, so a replica is ready only with a model.
-        await asyncio.to_thread(self._load, str(user_config.get("model", self.settings.model)))
+        ref = str(user_config.get("model", self.settings.model))
+        self.wanted_ref = ref  # before waiting for the lock: a poll's load in flight sees it
+        async with self._load_lock:
+            await asyncio.to_thread(self._load, ref)
+            self.problem = None
         if self._alias_watch is None and self.settings.alias_poll_s > 0:
             self._alias_watch = asyncio.get_running_loop().create_task(self._follow_alias())
 
     async def _follow_alias(self) -> None:
         while True:
             await asyncio.sleep(self.settings.alias_poll_s)
-            if follows_alias(self.model_ref):
-                try:
-                    await asyncio.to_thread(self._load, self.model_ref)
-                except Exception:  # noqa: BLE001 - a broken new version must not take down the one serving
-                    log.exception(
-                        "%s: could not load what alias %r points to; keeping %s", self.workload_name, self.model_ref, self.model_uri
-                    )
+            await self.poll_alias()
 
-    def ready(self) -> bool:
-        """The health probe: cheap (``describe`` also builds the request schema)."""
-        return self.bundle is not None
+    async def poll_alias(self) -> None:
+        """Re-read the alias being served; a failure keeps the current model and marks it stale."""
+        ref = self.wanted_ref
+        if not follows_alias(ref):
+            return
+        async with self._load_lock:
+            if ref != self.wanted_ref:
+                return
+            try:
+                await asyncio.to_thread(self._load, ref)
+                self.problem = None
+            except Exception as exc:  # noqa: BLE001 - a broken registry or version must not take down the one serving
+                self.problem = f"alias {ref!r} could not be followed ({type(exc).__name__}: {exc}); serving {self.model_uri}"
+                log.warning("%s: %s", self.workload_name, self.problem)
+
+    def ready(self) -> dict[str, Any]:
+        """The readiness probe: cheap (``describe`` also builds the request schema). ``stale``:
+        the last alias poll failed, so this replica may serve an older version than the alias."""
+        loaded = self.bundle is not None
+        return {
+            "loaded": loaded,
+            "stale": self.problem is not None,
+            "problem": self.problem,
+            "version": self.bundle.info.get("version") if loaded else None,
+        }
 
     def describe(self) -> dict[str, Any]:
         b = self.bundle
@@ -99,11 +139,13 @@ class ModelServer:
         """An HTTP body -> ``{"status": 200, "body": answer}`` or ``{"status": 4xx, "message": ...}``:
         bad input is an answer, not an exception, so it never counts as a replica failure."""
         b = self.bundle
+        limit = self.settings.max_items_per_request
+        loop = asyncio.get_running_loop()
+        decode = functools.partial(b.workload.decode_request, payload, b.options, b.manifest, max_items=limit)
         try:
-            decoded = b.workload.decode_request(payload, b.options, b.manifest)
+            decoded = await loop.run_in_executor(self._decoders, decode)
         except BadInput as exc:
             return {"status": 422, "message": str(exc)}
-        limit = self.settings.max_items_per_request
         if len(decoded) > limit:
             return {"status": 422, "message": f"{len(decoded)} items in one request, at most {limit}"}
         # Each item joins the replica-wide batch on its own, so one request with many items and
