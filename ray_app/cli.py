@@ -26,11 +26,14 @@ STAGES: dict[str, tuple[str, str]] = {
     "train": ("train", "Ray Train TorchTrainer: DDP, checkpoint per epoch, resume by --run-name"),
     "evaluate": ("evaluate", "score the held-out split: accuracy, per-class report, confusion matrix"),
     "register": ("registration", "store the run's model as a new registry version and move an alias"),
+    "rollback": ("rollback", "move an alias back to the version it had before its last move"),
     "predict": ("predict", "Ray Data batch inference with an actor pool -> Parquet"),
     "serve": ("serve", "Ray Serve HTTP endpoint with batching and autoscaling"),
 }
 # Stages that act on a training run also take --run-name.
 RUN_NAME_STAGES = {"evaluate", "register"}
+# Stages that only touch the registry: no Ray instance is started or joined for them.
+REGISTRY_ONLY_STAGES = {"rollback"}
 
 
 def _stage_runner(stage: str) -> Callable[[config_mod.AppConfig], dict[str, Any]]:
@@ -45,6 +48,8 @@ def _stage_runner(stage: str) -> Callable[[config_mod.AppConfig], dict[str, Any]
         from ray_app.engine.register import run_register as runner
     elif stage == "predict":
         from ray_app.engine.predict import run_predict as runner
+    elif stage == "rollback":
+        from ray_app.engine.rollback import run_rollback as runner
     else:
         from ray_app.serving.app import run_serve as runner
     return runner
@@ -145,9 +150,14 @@ def run_cli(argv: list[str] | None = None) -> dict[str, Any]:
 
     from ray_app.runtime import connect
 
-    dashboard = connect(config.address)
+    dashboard = connect(config.address) if args.stage not in REGISTRY_ONLY_STAGES else None
     started = time.perf_counter()
-    result = _stage_runner(args.stage)(config)
+    from ray_app.registry_store import RegistryError
+
+    try:
+        result = _stage_runner(args.stage)(config)
+    except RegistryError as exc:  # a refused promotion, a damaged registry file, a full disk: the message says it all
+        raise SystemExit(f"error: {exc}") from None
     result = {
         "stage": args.stage,
         "workload": args.workload,

@@ -51,6 +51,15 @@ class EvaluateConfig(_Section):
 
 class RegisterConfig(_Section):
     alias: str | None = Field("production", description="alias moved to the new version")
+    reason: str | None = Field(None, description="why the alias moves (kept in the alias history)")
+    force: bool = Field(False, description="move the alias even if the new model scores worse than the alias's current model")
+    gate_metric: str | None = Field(None, description="metric both models are re-scored on (default: auc for ctr, accuracy otherwise)")
+    gate_tolerance: float = Field(0.005, ge=0, description="how much worse than the current model the new one may score")
+
+
+class RollbackConfig(_Section):
+    alias: str = Field("production", description="alias moved back to the version it had before its last move")
+    reason: str | None = Field(None, description="why (kept in the alias history)")
 
 
 class PredictConfig(_Section):
@@ -102,6 +111,7 @@ class AppConfig(_Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     registration: RegisterConfig = RegisterConfig()
+    rollback: RollbackConfig = RollbackConfig()
     predict: PredictConfig = PredictConfig()
     serve: ServeConfig = ServeConfig()
 

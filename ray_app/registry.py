@@ -32,7 +32,7 @@ from ray_app import storage
 from ray_app.bundle_format import BUNDLE_FILE, WEIGHTS_FILE, BundleError, check_format_version
 from ray_app.registry_store import RegistryCorrupt, RegistryError, RegistryStore, RegistryWriteError
 
-__all__ = ["ModelRegistry", "RegistryCorrupt", "RegistryError", "RegistryWriteError", "resolve_model_uri"]
+__all__ = ["ModelRegistry", "NothingToRollBack", "RegistryCorrupt", "RegistryError", "RegistryWriteError", "resolve_model_uri"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,10 @@ USER_ENV = "RAY_APP_USER"
 # Each failed attempt means another writer succeeded, so this bounds only pathological contention.
 MAX_ATTEMPTS = 1000
 _HISTORY_NAME = re.compile(r"^(\d+)\.json$")
+
+
+class NothingToRollBack(RegistryError, LookupError):
+    """The alias has no earlier version in its history (or that version is gone)."""
 
 
 def current_user(user: str | None = None) -> str:
@@ -209,7 +213,7 @@ class ModelRegistry:
             else:
                 earlier.append(record.get("from"))
         if not earlier or earlier[-1] is None:
-            raise LookupError(f"{workload} alias {alias!r} has no earlier version to roll back to in {self.root}")
+            raise NothingToRollBack(f"{workload} alias {alias!r} has no earlier version to roll back to in {self.root}")
         return int(earlier[-1])
 
     def rollback(self, workload: str, alias: str, *, reason: str | None = None, user: str | None = None) -> dict[str, Any]:
@@ -218,7 +222,7 @@ class ModelRegistry:
         def choose(_: int) -> int:
             target = self.rollback_target(workload, alias)
             if target not in self.versions(workload):
-                raise LookupError(f"{workload} alias {alias!r} would roll back to version {target}, which is no longer complete")
+                raise NothingToRollBack(f"{workload} alias {alias!r} would roll back to version {target}, which is no longer complete")
             return target
 
         return self._append_move(workload, alias, choose, kind="rollback", reason=reason or "rollback", metrics=None, user=user)

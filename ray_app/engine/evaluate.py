@@ -47,6 +47,8 @@ def run_evaluate(config: AppConfig) -> dict[str, Any]:
         raise ValueError("the test split is empty: prepare with --test-fraction > 0")
     report, figures = workload.evaluation_report(np.concatenate(labels), np.concatenate(probabilities), bundle_info["manifest"]["classes"])
     report["model"] = model_uri
+    # Ties the report to the exact weights it scored: register refuses it for any other checkpoint.
+    report["weights_sha256"] = bundle_info["weights_sha256"]
     options = workload.parse_options(bundle_info["options"])
     report.update(workload.evaluation_extras(config.train_data_uri(), options, bundle_info["manifest"]))
     output = config.evaluation_uri()
@@ -61,3 +63,41 @@ def run_evaluate(config: AppConfig) -> dict[str, Any]:
     log.info("evaluate: accuracy %.4f on %d rows", report["accuracy"], report["rows"])
     summary_keys = ("rows", "accuracy", "macro_f1", "majority_class_accuracy", "auc", "log_loss", "model", "baseline", "true_model")
     return {k: report[k] for k in summary_keys if k in report} | {"output": output}
+
+
+class ComparisonScorer:
+    """Several models over the same rows in one pass: each row is scored by every model, so a
+    comparison never depends on which rows a model happened to see."""
+
+    def __init__(self, bundle_uris: list[str]) -> None:
+        self.scorers = [PreparedRowScorer(bundle_uri=uri) for uri in bundle_uris]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for i, scorer in enumerate(self.scorers):
+            scored = scorer(batch)
+            out["label"] = scored["label"]
+            out[f"probabilities_{i}"] = scored["probabilities"]
+        return out
+
+
+def score_models_on_test_split(config: AppConfig, model_uris: list[str]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(labels, one probability matrix per model) for the held-out test split, all models scored
+    in the same Ray Data run with evaluate's scorer (the promotion gate's comparison)."""
+    workload = get_workload(config.workload)
+    scored = read_split(config.train_data_uri(), "test", workload.training_columns).map_batches(
+        ComparisonScorer,
+        fn_constructor_kwargs={"bundle_uris": model_uris},
+        batch_size=config.evaluate.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=1),
+    )
+    labels: list[np.ndarray] = []
+    probabilities: list[list[np.ndarray]] = [[] for _ in model_uris]
+    for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+        labels.append(batch["label"])
+        for i in range(len(model_uris)):
+            probabilities[i].append(np.stack(batch[f"probabilities_{i}"]))
+    if not labels:
+        raise ValueError("the test split is empty: prepare with --test-fraction > 0")
+    return np.concatenate(labels), [np.concatenate(p) for p in probabilities]
