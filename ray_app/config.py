@@ -74,16 +74,11 @@ class PredictConfig(_Section):
     use_gpu: bool = False
 
 
-class ServeConfig(_Section):
-    model: str = Field("production", description="registry alias or version, or a bundle URI")
-    host: str = Field("127.0.0.1", description="bind address; loopback unless you mean to expose it")
-    port: int = 8000
-    route_prefix: str | None = None
-    max_body_bytes: int = Field(10 * 1024 * 1024, gt=0)
-    max_items_per_request: int = Field(64, gt=0, description="items (e.g. texts, events) allowed in one request")
-    top_k: int = Field(3, gt=0)
-    max_batch_size: int = Field(32, gt=0, description="@serve.batch size; 1 disables batching")
-    batch_wait_timeout_s: float = Field(0.005, ge=0)
+class DeploymentScaling(_Section):
+    """How a Serve deployment scales and admits requests; the gateway and every model deployment
+    share it (each with its own defaults), and ``deployment_options`` is its one translation into
+    ``Deployment.options``."""
+
     min_replicas: int = Field(1, ge=0, description="0 = scale to zero when idle")
     max_replicas: int = Field(2, gt=0)
     target_ongoing_requests: float = Field(4, gt=0)
@@ -94,10 +89,38 @@ class ServeConfig(_Section):
     look_back_period_s: float = Field(2.0, gt=0)
     metrics_interval_s: float = Field(0.5, gt=0)
     max_queued_requests: int = Field(256, description="requests waiting for a replica beyond which new ones get 503 (-1: no limit)")
+    num_cpus: float = Field(1, ge=0)
+    num_gpus: float = Field(0, ge=0)
+
+    def deployment_options(self) -> dict[str, Any]:
+        return {
+            "autoscaling_config": {
+                "min_replicas": self.min_replicas,
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+                "upscale_delay_s": self.upscale_delay_s,
+                "downscale_delay_s": self.downscale_delay_s,
+                "look_back_period_s": self.look_back_period_s,
+                "metrics_interval_s": self.metrics_interval_s,
+            },
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+        }
+
+
+class ServeConfig(DeploymentScaling):
+    model: str = Field("production", description="registry alias or version, or a bundle URI")
+    host: str = Field("127.0.0.1", description="bind address; loopback unless you mean to expose it")
+    port: int = 8000
+    route_prefix: str | None = None
+    max_body_bytes: int = Field(10 * 1024 * 1024, gt=0)
+    max_items_per_request: int = Field(64, gt=0, description="items (e.g. texts, events) allowed in one request")
+    top_k: int = Field(3, gt=0)
+    max_batch_size: int = Field(32, gt=0, description="@serve.batch size; 1 disables batching")
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
     request_timeout_s: float = Field(30.0, gt=0, description="a request not answered in time gets 503 instead of hanging")
     alias_poll_s: float = Field(10.0, ge=0, description="how often replicas re-read the alias they serve (0: only on reconfigure)")
-    num_cpus: float = 1
-    num_gpus: float = 0
     blocking: bool = Field(False, description="keep serving until interrupted")
 
 
@@ -145,13 +168,25 @@ def set_dotted(tree: dict, dotted_key: str, value: Any) -> None:
     tree[leaf] = value
 
 
-def load_config(workload: str, path: str | None = None, overrides: dict[str, Any] | None = None) -> AppConfig:
-    """Build the config: YAML file (optional) then ``{"train.epochs": 3, ...}`` overrides."""
+def workload_defaults(workload: str) -> dict[str, Any]:
+    """The workload's own defaults as a config tree (``{"serve": {"min_replicas": 0}, ...}``)."""
     from ray_app.workloads import get_workload
 
     tree: dict[str, Any] = {}
     for key, value in get_workload(workload).default_config.items():
         set_dotted(tree, key, value)
+    return tree
+
+
+def serve_config(workload: str, values: dict[str, Any] | None = None) -> ServeConfig:
+    """A workload's serve settings: ``ServeConfig`` defaults < the workload's defaults < ``values``.
+    Serve config files (``build_app``) resolve through this; ``load_config`` builds the same tree."""
+    return ServeConfig.model_validate({**workload_defaults(workload).get("serve", {}), **(values or {})})
+
+
+def load_config(workload: str, path: str | None = None, overrides: dict[str, Any] | None = None) -> AppConfig:
+    """Build the config: YAML file (optional) then ``{"train.epochs": 3, ...}`` overrides."""
+    tree = workload_defaults(workload)
     from_file = (yaml.safe_load(storage.read_bytes(path)) or {}) if path else {}
     for key, value in from_file.items():  # sections merge over the workload's defaults
         tree[key] = {**tree[key], **value} if isinstance(value, dict) and isinstance(tree.get(key), dict) else value

@@ -4,20 +4,26 @@
 ``build_app(args)`` is the import path for Serve config files (``serve run`` / ``serve deploy``):
 ``cluster/serve/app.yaml`` hosts every workload under its own prefix; the per-workload files (and
 ``ray-app <workload> serve``) host one.
+
+Settings resolve one way whatever the entry point: ``ServeConfig`` defaults < the workload's own
+defaults (``Workload.default_config``) < the config file's ``args`` or the CLI's flags
+(``ray_app.config.serve_config`` / ``load_config``). They are validated once, into ``AppSettings``,
+and the deployments receive those objects, not dicts to validate again.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import warnings
 from typing import Any
 
 from pydantic import Field
 from ray import serve
-from ray.serve import Application
+from ray.serve import Application, Deployment
 
 from ray_app import storage
-from ray_app.config import AppConfig, ServeConfig
+from ray_app.config import AppConfig, DeploymentScaling, ServeConfig, serve_config
 from ray_app.serving.gateway import AppSettings, Gateway, GatewayConfig
 from ray_app.serving.loaders import ModelLoader, RegistryLoader
 from ray_app.serving.model_server import ModelServer
@@ -34,67 +40,57 @@ class ServeSettings(ServeConfig):
     allow_unauthenticated: bool = Field(False, description="serve without an API key (otherwise one is required)")
 
 
-def app_settings(args: dict[str, Any]) -> AppSettings:
-    """Either form of ``args``: ``{workloads: {name: serve settings}, ...}`` or one workload's flat settings."""
+def app_settings(args: dict[str, Any] | AppSettings) -> AppSettings:
+    """Either form of ``args``: ``{workloads: {name: serve settings}, ...}`` or one workload's flat
+    settings. Each workload's settings start from that workload's defaults, as on the CLI."""
+    if isinstance(args, AppSettings):
+        return args
     if "workloads" in args:
-        return AppSettings.model_validate(args)
-    single = ServeSettings.model_validate(args)
-    return AppSettings(
-        models=single.models,
-        workloads={single.workload: ServeConfig.model_validate(single.model_dump(exclude={"workload", "models", "allow_unauthenticated"}))},
-        gateway=GatewayConfig(allow_unauthenticated=single.allow_unauthenticated),
-    )
+        workloads = {name: serve_config(name, values) for name, values in (args["workloads"] or {}).items()}
+        return AppSettings.model_validate({**args, "workloads": workloads})
+    ServeSettings.model_validate(args)  # unknown or mistyped keys fail here, with every key named
+    flat = dict(args)
+    workload, models = flat.pop("workload", "image"), flat.pop("models", ServeSettings.model_fields["models"].default)
+    gateway = GatewayConfig(allow_unauthenticated=flat.pop("allow_unauthenticated", False))
+    return AppSettings(models=models, workloads={workload: serve_config(workload, flat)}, gateway=gateway)
+
+
+def scaled(deployment: Deployment, scaling: DeploymentScaling, **options: Any) -> Deployment:
+    """``deployment`` with its scaling and admission settings (and any other ``options``)."""
+    with warnings.catch_warnings():
+        # Ray 2.60 marks AutoscalingConfig.metrics_interval_s deprecated in favour of environment
+        # variables it does not read yet: the field still sets how often replicas report load, and
+        # a short interval is what brings a scaled-to-zero model up in ~3 s instead of ~9 s.
+        warnings.filterwarnings("ignore", message=".*metrics_interval_s.*deprecated", category=DeprecationWarning)
+        return deployment.options(**scaling.deployment_options(), **options)
 
 
 def model_deployment(workload: str, s: ServeConfig, loader: ModelLoader) -> Application:
-    return ModelServer.options(
-        name=f"{workload}-model",
-        autoscaling_config={
-            "min_replicas": s.min_replicas,
-            "max_replicas": s.max_replicas,
-            "target_ongoing_requests": s.target_ongoing_requests,
-            "upscale_delay_s": s.upscale_delay_s,
-            "downscale_delay_s": s.downscale_delay_s,
-            "look_back_period_s": s.look_back_period_s,
-            "metrics_interval_s": s.metrics_interval_s,
-        },
-        max_ongoing_requests=s.max_ongoing_requests,
-        max_queued_requests=s.max_queued_requests,
-        ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
-        # The model to serve is runtime config: changing it reconfigures replicas in place.
-        user_config={"model": s.model},
-    ).bind(workload, s, loader)
+    # The model to serve is runtime config: changing it reconfigures replicas in place.
+    return scaled(ModelServer, s, name=f"{workload}-model", user_config={"model": s.model}).bind(workload, s, loader)
 
 
-def build_app(args: dict[str, Any], loaders: dict[str, ModelLoader] | None = None) -> Application:
-    """Serve config entry point (``import_path: ray_app.serving.app:build_app``). ``loaders``
-    (Python callers only) replaces the registry loader of the workloads it names, e.g. with
-    ``InMemoryLoader`` models in contract tests."""
-    settings = app_settings(args)
+def build_app(args: dict[str, Any] | AppSettings, loaders: dict[str, ModelLoader] | None = None) -> Application:
+    """Serve config entry point (``import_path: ray_app.serving.app:build_app``); Python callers may
+    pass resolved ``AppSettings``. ``loaders`` (Python callers only) replaces the registry loader of
+    the workloads it names, e.g. with ``InMemoryLoader`` models in contract tests."""
     # Resolved here, in the process that reads the config, so replicas need not share its cwd.
+    settings = app_settings(args).model_copy()
     settings.models = storage.normalize(settings.models)
-    g = settings.gateway
     loaders = loaders or {}
     models = {
         name: model_deployment(name, s, loaders.get(name) or RegistryLoader(settings.models)) for name, s in settings.workloads.items()
     }
-    return Gateway.options(
-        autoscaling_config={
-            "min_replicas": g.min_replicas,
-            "max_replicas": g.max_replicas,
-            "target_ongoing_requests": g.target_ongoing_requests,
-        },
-        max_ongoing_requests=g.max_ongoing_requests,
-        max_queued_requests=g.max_queued_requests,
-        ray_actor_options={"num_cpus": g.num_cpus},
-    ).bind(settings.model_dump(), models)
+    return scaled(Gateway, settings.gateway).bind(settings, models)
 
 
-def settings_from_config(config: AppConfig) -> dict[str, Any]:
+def settings_from_config(config: AppConfig) -> AppSettings:
     """A one-workload app from the CLI's config. Bound to loopback it is open (a developer's own
     machine); bound anywhere else it needs a key ($RAY_APP_API_KEY), like the shipped configs."""
     s = config.serve
-    return {"workload": config.workload, "models": config.models_uri(), **s.model_dump(), "allow_unauthenticated": is_loopback(s.host)}
+    return AppSettings(
+        models=config.models_uri(), workloads={config.workload: s}, gateway=GatewayConfig(allow_unauthenticated=is_loopback(s.host))
+    )
 
 
 def is_loopback(host: str) -> bool:

@@ -27,7 +27,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
-from ray_app.config import ServeConfig
+from ray_app.config import DeploymentScaling, ServeConfig
 from ray_app.serving.http import RequestError, error_response, read_body
 from ray_app.serving.metrics import GatewayMetrics
 
@@ -59,8 +59,9 @@ PREDICT_BODY = {
 }
 
 
-class GatewayConfig(BaseModel):
-    """The ingress deployment: small (no torch), always on, and the place where auth is enforced."""
+class GatewayConfig(DeploymentScaling):
+    """The ingress deployment: small (no torch), always on, and the place where auth is enforced.
+    It scales like a model deployment (the same settings), with defaults of its own."""
 
     min_replicas: int = Field(1, ge=1, description="kept >= 1 so a scaled-to-zero model still has someone to wake it")
     max_replicas: int = Field(2, gt=0)

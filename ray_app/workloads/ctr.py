@@ -260,6 +260,13 @@ class CTRWorkload(Workload):
         "serve.min_replicas": 0,
         # Latency first: no batch window (under load batches still form while a forward pass runs).
         "serve.batch_wait_timeout_s": 0.0,
+        # Events are small: a client may send a page of them, and a forward pass takes many.
+        "serve.max_body_bytes": 1024 * 1024,
+        "serve.max_items_per_request": 256,
+        "serve.max_batch_size": 64,
+        # Scale-to-zero: a minute of quiet before the last replica goes, so bursts a little apart
+        # do not each pay the cold start.
+        "serve.downscale_delay_s": 60.0,
     }
 
     def __init__(self) -> None:
