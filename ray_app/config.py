@@ -36,6 +36,11 @@ class TrainConfig(_Section):
     warmup_fraction: float = Field(0.05, ge=0, lt=1, description="share of steps with linear LR warm-up")
     num_workers: int = Field(2, gt=0, description="Ray Train workers (DDP ranks)")
     use_gpu: bool = Field(False, description="one GPU per worker, CUDA + mixed precision")
+    # Ray Train reserves a whole TPU slice; torch's TPU backend comes with the TPU image, not with
+    # this project (cluster/Dockerfile). Not run here: no TPU.
+    use_tpu: bool = Field(False, description="train on a TPU slice, one chip per worker (Ray Train use_tpu; needs the -tpu image)")
+    tpu_topology: str | None = Field(None, description="TPU slice topology, e.g. 2x2x1 (with --use-tpu)")
+    tpu_accelerator_type: str | None = Field(None, description="TPU generation, e.g. TPU-V4 (with --use-tpu)")
     cpus_per_worker: float | None = Field(
         None, gt=0, description="CPUs reserved per worker; default 1, or less on a machine so small that nothing would be left to feed data"
     )

