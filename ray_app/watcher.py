@@ -1,27 +1,35 @@
-"""Run batch predict when data is uploaded: a Ray actor polls an input URI and, for every new file,
-submits one Ray job ``python -m ray_app <workload> predict --input <file> --output <per-file folder>``.
+"""Run batch predict when data is uploaded: a Ray actor polls an input URI and submits Ray jobs
+``python -m ray_app <workload> predict --input-list <files> --output <job folder>`` for new files.
 
-Exactly once per file, across restarts of the watcher or of the whole cluster:
+Grouping: the new files of one poll go into ONE predict job (up to ``max_files_per_job``), so a
+200-image upload pays Ray Data's job start-up once, not 200 times. With ``marker`` set (e.g.
+``_SUCCESS``), a folder is picked up only once its marker exists, and its files form one job.
 
-- each file gets a deterministic submission id, a hash of the watch (its state URI), the file's
-  URI, size and modification time; Ray refuses a second job with the same id, so two watchers
-  racing on one cluster, or a watcher that lost its records, cannot start the same work twice;
-- each file gets a durable record ``<state>/<submission id>.json``, written before the submission
-  (``SUBMITTING``) and after it (the job's status, refreshed until it is final), on any
-  URI ``pyarrow.fs`` reads — so a watcher on a new cluster, where Ray has forgotten every job,
-  still skips what was submitted.
+At most once per file version, across restarts of the watcher or of the whole cluster:
+
+- a file version (URI, size, mtime) has a deterministic id; a job's submission id is a hash of its
+  files' ids and the attempt number, so Ray refuses a second job for the same work;
+- durable records on any URI ``pyarrow.fs`` reads: ``<state>/jobs/<job id>.json`` (the job's
+  files, output, status) is written before the submission (``SUBMITTING``), then one record per
+  file ``<state>/<file id>.json`` naming its job, output and status (how results are found per
+  file: the job's Parquet rows carry each file's path);
+- before a job the cluster does not know is submitted again or called ``LOST``, its output is
+  checked: a published ``summary.json`` for that job's input list means it finished (e.g. before
+  a cluster wipe), and it is recorded ``SUCCEEDED`` without running again.
+
+A failed, stopped or lost file runs again only when asked, up to ``max_retries`` times:
+``python -m ray_app.watcher retry --file <uri>`` (or ``--failed`` for all of them).
 
 It runs on a cluster (``ray start`` on this machine, or ``--address`` / ``RAY_ADDRESS``), so the
 watcher and its jobs outlive the command that started it.
 
 A file is new data when its size or mtime changes (a re-upload runs again). It is picked up once
 it has not changed for ``min_age_s`` (a file still being written is left for the next poll).
-Names starting with ``.`` or ``_`` are ignored (temporary/partial uploads). A job the cluster no
-longer knows (lost in a cluster restart while it ran) is recorded as ``LOST`` and not re-run:
-delete its record to run the file again.
+Names starting with ``.`` or ``_`` are ignored (temporary/partial uploads, markers).
 
     python -m ray_app.watcher start --workload image --input s3://bucket/uploads --workspace s3://bucket/ws
     python -m ray_app.watcher status         # records, last poll, last error
+    python -m ray_app.watcher retry --file s3://bucket/uploads/a.png   # or --failed
     python -m ray_app.watcher stop           # records stay: a new watcher carries on from them
     # extra predict flags after --, e.g.:  ... start ... -- --concurrency 1 --batch-size 64
 """
@@ -35,6 +43,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import re
 import shlex
 import sys
@@ -53,8 +62,11 @@ log = logging.getLogger(__name__)
 NAMESPACE = "ray_app"
 DEFAULT_NAME = "ray-app-watcher"
 SUBMITTING = "SUBMITTING"  # record written, job not (yet) known to be submitted
-LOST = "LOST"  # the cluster no longer knows the job (restarted while it ran): never re-run by itself
-FINAL = {"SUCCEEDED", "FAILED", "STOPPED", LOST}
+LOST = "LOST"  # the cluster no longer knows the job and it left no output: re-run only by `retry`
+SUCCEEDED = "SUCCEEDED"
+FINAL = {SUCCEEDED, "FAILED", "STOPPED", LOST}
+RETRYABLE = {"FAILED", "STOPPED", LOST}
+JOBS_DIR = "jobs"
 
 
 class WatchSettings(BaseModel):
@@ -74,6 +86,9 @@ class WatchSettings(BaseModel):
     interval_s: float = Field(10.0, ge=0, description="seconds between polls; 0 = poll only when asked")
     min_age_s: float = Field(5.0, ge=0, description="a file must be unchanged this long before it is picked up")
     max_running_jobs: int = Field(2, gt=0, description="unfinished jobs at once; further files wait for the next poll")
+    max_files_per_job: int = Field(1000, gt=0, description="new files of a poll grouped into one predict job (1: a job per file)")
+    marker: str | None = Field(None, description="e.g. _SUCCESS: a folder is processed once this file is in it, its files as one job")
+    max_retries: int = Field(3, ge=0, description="times `retry` may re-run a failed or lost file")
     python: str | None = Field(None, description="interpreter in the job entrypoint (default: the watcher's own)")
     runtime_env: dict[str, Any] | None = Field(None, description="runtime_env of every job (e.g. working_dir)")
     dashboard_address: str | None = Field(None, description="Jobs API address (default: the cluster the watcher runs in)")
@@ -101,8 +116,17 @@ def file_uri(input_uri: str, info: pafs.FileInfo) -> str:
 
 
 def submission_id(state_uri: str, uri: str, size: int, mtime_ns: int) -> str:
-    """Deterministic job id for one version of one file in one watch."""
+    """Deterministic id of one version of one file in one watch (also the submission id of its job
+    when it runs alone, as every file did before jobs were grouped)."""
     digest = hashlib.sha256("\0".join([storage.normalize(state_uri), uri, str(size), str(mtime_ns)]).encode()).hexdigest()
+    return f"ray-app-watch-{digest[:24]}"
+
+
+def job_id(file_ids: list[str], attempt: int = 0) -> str:
+    """Deterministic submission id of the job for these file versions (any order) and attempt."""
+    if len(file_ids) == 1 and attempt == 0:
+        return file_ids[0]
+    digest = hashlib.sha256("\0".join([*sorted(file_ids), f"attempt={attempt}"]).encode()).hexdigest()
     return f"ray-app-watch-{digest[:24]}"
 
 
@@ -110,6 +134,13 @@ def output_name(input_uri: str, uri: str, sid: str) -> str:
     """Per-file output folder name: the file's path under the input, readable, plus the id's hash."""
     relative = uri[len(input_uri) :].lstrip("/") or uri.rsplit("/", 1)[-1]
     return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', relative.replace('/', '__'))}-{sid.rsplit('-', 1)[-1][:10]}"
+
+
+def job_output_name(input_uri: str, uris: list[str], sid: str) -> str:
+    """A job's output folder: named after its file when alone, else after the first file and count."""
+    if len(uris) == 1:
+        return output_name(input_uri, uris[0], sid)
+    return f"{len(uris)}-files-from-" + output_name(input_uri, sorted(uris)[0], sid)
 
 
 def is_candidate(info: pafs.FileInfo, pattern: str, min_age_s: float, now_ns: int) -> bool:
@@ -121,6 +152,19 @@ def is_candidate(info: pafs.FileInfo, pattern: str, min_age_s: float, now_ns: in
     return now_ns - mtime_ns >= min_age_s * 1e9
 
 
+def group_files(files: list[dict[str, Any]], max_files: int, marker_folders: set[str] | None = None) -> list[list[dict[str, Any]]]:
+    """New files -> job groups: chunks of at most ``max_files``; with a marker, one group per
+    finished folder (files of folders without their marker yet are left out)."""
+    if marker_folders is None:
+        return [files[i : i + max_files] for i in range(0, len(files), max_files)]
+    by_folder: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    for f in files:
+        folder = posixpath.dirname(f["file"])
+        if folder in marker_folders:
+            by_folder[folder].append(f)
+    return [group[i : i + max_files] for _, group in sorted(by_folder.items()) for i in range(0, len(group), max_files)]
+
+
 def _not_found(exc: Exception) -> bool:
     return "status code 404" in str(exc)  # the SDK's RuntimeError for a job the cluster does not know
 
@@ -129,8 +173,12 @@ def _already_exists(exc: Exception) -> bool:
     return "already exists" in str(exc)
 
 
+class RetryRefused(ValueError):
+    """A retry that would break a rule (unknown file, not failed, retry limit reached)."""
+
+
 class Watch:
-    """One watch: list, decide, submit, record. No Ray actor needed (the actor wraps it)."""
+    """One watch: list, group, reconcile, submit, record. No Ray actor needed (the actor wraps it)."""
 
     def __init__(self, settings: WatchSettings) -> None:
         self.settings = settings.resolved()
@@ -157,28 +205,55 @@ class Watch:
             raise
 
     # ---- durable state -------------------------------------------------------------------
-    def record_uri(self, sid: str) -> str:
-        return storage.join(self.settings.state, f"{sid}.json")
+    def record_uri(self, file_id: str) -> str:
+        return storage.join(self.settings.state, f"{file_id}.json")
 
-    def records(self) -> dict[str, dict[str, Any]]:
-        state = self.settings.state
-        if not storage.exists(state):
+    def job_uri(self, sid: str, suffix: str = ".json") -> str:
+        return storage.join(self.settings.state, JOBS_DIR, f"{sid}{suffix}")
+
+    def _read_folder(self, folder: str) -> dict[str, dict[str, Any]]:
+        if not storage.exists(folder):
             return {}
-        records = {}
-        for info in storage.list_files(state, recursive=False):
+        found = {}
+        for info in storage.list_files(folder, recursive=False):
             if not info.base_name.endswith(".json"):
                 continue
-            sid = info.base_name[: -len(".json")]
+            key = info.base_name[: -len(".json")]
             try:
-                records[sid] = storage.read_json(self.record_uri(sid))
-            except (OSError, ValueError):  # torn write: treat as "maybe submitted", checked with Ray
-                records[sid] = {"submission_id": sid, "status": SUBMITTING}
+                found[key] = storage.read_json(storage.join(folder, info.base_name))
+            except (OSError, ValueError):  # torn write: treated as "maybe submitted", checked with Ray
+                found[key] = {"status": SUBMITTING, "damaged": True}
+        return found
+
+    def records(self) -> dict[str, dict[str, Any]]:
+        """Per-file records by file id. Records written before jobs were grouped (one job per file,
+        the job id was the file id) read as jobs of one file."""
+        records = self._read_folder(self.settings.state)
+        for key, record in records.items():
+            record.setdefault("file_id", key)
+            record.setdefault("job", record.get("submission_id", key))
         return records
 
-    def _write(self, record: dict[str, Any]) -> None:
+    def jobs(self, records: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+        """Job records by submission id. Given the file records, a job whose own record is missing
+        (written before jobs had records, or lost) is rebuilt from the files that name it."""
+        jobs = self._read_folder(storage.join(self.settings.state, JOBS_DIR))
+        for key, job in jobs.items():
+            job.setdefault("submission_id", key)
+        for record in (records or {}).values():
+            if record.get("damaged") or "file" not in record or record["job"] in jobs and "files" in jobs[record["job"]]:
+                continue
+            job = jobs.setdefault(
+                record["job"],
+                {"submission_id": record["job"], "files": [], "output": record.get("output"), "status": record["status"]},
+            )
+            job.setdefault("files", []).append({k: record.get(k) for k in ("file_id", "file", "size", "mtime_ns")})
+            job.setdefault("attempt", record.get("attempt", 0))
+        return jobs
+
+    def _write(self, uri: str, record: dict[str, Any]) -> None:
         """Replace a record whole: an object PUT is atomic; on local/NFS disks, write then rename."""
         record["updated_at"] = time.time()
-        uri = self.record_uri(record["submission_id"])
         if storage.is_remote(uri):
             storage.write_json(uri, record)
             return
@@ -186,88 +261,217 @@ class Watch:
         fs, path = storage.resolve(uri)
         fs.move(path + ".tmp", path)
 
-    # ---- one pass ------------------------------------------------------------------------
-    def entrypoint(self, uri: str, output: str) -> str:
+    def _write_record(self, record: dict[str, Any]) -> None:
+        self._write(self.record_uri(record["file_id"]), record)
+
+    def _write_job(self, job: dict[str, Any]) -> None:
+        self._write(self.job_uri(job["submission_id"]), job)
+
+    # ---- jobs ----------------------------------------------------------------------------
+    def entrypoint(self, job: dict[str, Any]) -> str:
         s = self.settings
         argv = [s.python or sys.executable, "-m", "ray_app", s.workload, "predict", "--workspace", s.workspace]
         if s.models:
             argv += ["--models", s.models]
-        argv += ["--input", uri, "--output", output, "--model", s.model, *s.predict_args]
+        if len(job["files"]) > 1 and not job.get("input_list"):  # a job rebuilt from its files' records
+            job["input_list"] = self.job_uri(job["submission_id"], ".inputs.txt")
+            if not storage.exists(job["input_list"]):
+                storage.write_bytes(job["input_list"], ("\n".join(f["file"] for f in job["files"]) + "\n").encode())
+        source = ["--input-list", job["input_list"]] if job.get("input_list") else ["--input", job["files"][0]["file"]]
+        argv += [*source, "--output", job["output"], "--model", s.model, *s.predict_args]
         return shlex.join(argv)
 
-    def poll(self) -> dict[str, Any]:
-        """List the input, refresh unfinished records, submit new files; returns what happened."""
+    def _start_job(self, files: list[dict[str, Any]], attempt: int) -> tuple[dict[str, Any], bool]:
+        """Record, then submit, one job for ``files``; returns (job record, created)."""
         s = self.settings
-        records = self.records()
-        for record in records.values():
-            if record["status"] in FINAL:
-                continue
-            status = self.job_status(record["submission_id"])
-            if status is None and record["status"] != SUBMITTING:
-                status = LOST
-            if status is not None and status != record["status"]:
-                record["status"] = status
-                self._write(record)
-        # SUBMITTING here means Ray has no such job: the pass that wrote it stopped before submitting.
-        running = sum(r["status"] not in FINAL and r["status"] != SUBMITTING for r in records.values())
-        now_ns = time.time_ns()
-        files = storage.list_files(s.input) if storage.exists(s.input) else []
-        submitted, recovered, waiting, known = [], [], [], 0
-        for info in files:
-            if not is_candidate(info, s.pattern, s.min_age_s, now_ns):
-                continue
-            uri = file_uri(s.input, info)
-            if uri.startswith((s.state + "/", s.output + "/")):
-                continue  # the watch's own records and predictions, when they live under the input
-            sid = submission_id(s.state, uri, info.size, info.mtime_ns or 0)
-            record = records.get(sid)
-            if record is not None and record["status"] != SUBMITTING:
-                known += 1
-                continue
-            if running >= s.max_running_jobs:
-                waiting.append(uri)
-                continue
-            record = {
-                "submission_id": sid,
-                "file": uri,
-                "size": info.size,
-                "mtime_ns": info.mtime_ns,
-                "workload": s.workload,
-                "model": s.model,
-                "output": storage.join(s.output, output_name(s.input, uri, sid)),
-                "status": SUBMITTING,
-            }
-            self._write(record)  # before: a restart will not lose track of this submission
-            created = self._submit(record)
-            record["status"] = self.job_status(sid) or SUBMITTING
-            record["submitted_at"] = time.time()
-            self._write(record)  # after: the cluster's answer
-            (submitted if created else recovered).append(record)
-            records[sid] = record
-            running += 1
-        statuses = dict(collections.Counter(r["status"] for r in records.values()))
-        if submitted:
-            log.info("watch %s: submitted %s", s.input, [r["submission_id"] for r in submitted])
-        # recovered: the record was missing but Ray already had the job (same submission id).
-        return {"submitted": submitted, "recovered": recovered, "already_known": known, "waiting": waiting, "statuses": statuses}
+        sid = job_id([f["file_id"] for f in files], attempt)
+        uris = [f["file"] for f in files]
+        job = {
+            "submission_id": sid,
+            "files": [{k: f[k] for k in ("file_id", "file", "size", "mtime_ns")} for f in files],
+            "output": storage.join(s.output, job_output_name(s.input, uris, sid)),
+            "attempt": attempt,
+            "status": SUBMITTING,
+            "created_at": time.time(),
+        }
+        if len(files) > 1:
+            job["input_list"] = self.job_uri(sid, ".inputs.txt")
+            storage.write_bytes(job["input_list"], ("\n".join(uris) + "\n").encode())
+        # Order matters: the job record (which files, which output) is durable before any file is
+        # claimed by it, and both before the submission, so a pass killed anywhere in between is
+        # finished by the next one (see _refresh) instead of starting the work twice.
+        self._write_job(job)
+        for f in job["files"]:
+            self._write_record(self._file_record(f, job))
+        created = self._submit(job)
+        self._set_status(job, self.job_status(sid) or SUBMITTING, {f["file_id"] for f in job["files"]})
+        job["submitted_at"] = time.time()
+        return job, created
 
-    def _submit(self, record: dict[str, Any]) -> bool:
-        """Submit the file's job; False when Ray already has a job with this submission id."""
-        sid = record["submission_id"]
-        metadata = {"ray_app": "watch", "workload": self.settings.workload, "file": record["file"], "size": str(record["size"])}
+    def _file_record(self, f: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+        s = self.settings
+        return {
+            **f,
+            "workload": s.workload,
+            "model": s.model,
+            "job": job["submission_id"],
+            "output": job["output"],
+            "attempt": job["attempt"],
+            "status": job["status"],
+        }
+
+    def _set_status(self, job: dict[str, Any], status: str, file_ids: set[str], **extra: Any) -> None:
+        job.update(status=status, **extra)
+        self._write_job(job)
+        for f in job["files"]:
+            if f["file_id"] in file_ids:
+                self._write_record(self._file_record(f, job) | extra)
+
+    def _submit(self, job: dict[str, Any]) -> bool:
+        """Submit the job; False when Ray already has a job with this submission id."""
+        sid = job["submission_id"]
+        metadata = {"ray_app": "watch", "workload": self.settings.workload, "files": str(len(job["files"])), "attempt": str(job["attempt"])}
         try:
             self.client().submit_job(
-                entrypoint=self.entrypoint(record["file"], record["output"]),
-                submission_id=sid,
-                runtime_env=self.settings.runtime_env,
-                metadata=metadata,
+                entrypoint=self.entrypoint(job), submission_id=sid, runtime_env=self.settings.runtime_env, metadata=metadata
             )
         except RuntimeError as exc:
             if not _already_exists(exc):
-                raise  # the record stays SUBMITTING: the next pass asks Ray again, then retries
+                raise  # the job stays SUBMITTING: the next pass asks Ray again, then retries
             log.info("job %s already exists on the cluster; not submitted again", sid)
             return False
         return True
+
+    def finished_output(self, job: dict[str, Any]) -> dict[str, Any] | None:
+        """The published summary of this job's output, when the job completed (e.g. on a cluster
+        that has since been wiped): the proof that its files must not run again."""
+        from ray_app.prepared import SUMMARY_FILE
+
+        if not job.get("output"):
+            return None
+        summary_uri = storage.join(storage.published(job["output"]), SUMMARY_FILE)
+        if not storage.exists(summary_uri):
+            return None
+        summary = storage.read_json(summary_uri)
+        expected = job.get("input_list") or job["files"][0]["file"]
+        return summary if summary.get("input") == expected else None
+
+    # ---- one pass ------------------------------------------------------------------------
+    def _refresh(self, jobs: dict[str, dict[str, Any]], records: dict[str, dict[str, Any]]) -> list[str]:
+        """Bring unfinished jobs up to date with Ray, or with their output when Ray has forgotten
+        them; submit the ones a killed pass recorded but never sent. Returns their ids."""
+        resubmitted = []
+        for sid, job in jobs.items():
+            if job.get("damaged") and not job.get("files"):
+                log.warning("job record %s is unreadable; its files stay claimed", self.job_uri(sid))
+                continue
+            # Files a killed pass had not yet claimed for this job, or whose record was lost.
+            claimed_here = {f["file_id"] for f in job["files"] if records.get(f["file_id"], {}).get("job", sid) == sid}
+            for f in job["files"]:
+                if f["file_id"] not in records or records[f["file_id"]].get("damaged"):
+                    records[f["file_id"]] = self._file_record(f, job)
+                    self._write_record(records[f["file_id"]])
+            if job["status"] in FINAL:
+                continue
+            status = self.job_status(sid)
+            extra: dict[str, Any] = {}
+            if status is None:
+                if self.finished_output(job) is not None:
+                    status, extra = SUCCEEDED, {"reconciled": "output summary"}
+                elif job["status"] == SUBMITTING:
+                    self._submit(job)  # the pass that recorded it stopped before submitting
+                    status = self.job_status(sid) or SUBMITTING
+                    resubmitted.append(sid)
+                else:
+                    status = LOST
+            if status != job["status"] or extra:
+                self._set_status(job, status, claimed_here, **extra)
+                for fid in claimed_here:
+                    records[fid] = {**records.get(fid, {}), "status": status, "job": sid}
+        return resubmitted
+
+    def poll(self) -> dict[str, Any]:
+        """List the input, reconcile unfinished jobs, group and submit new files; returns what happened."""
+        s = self.settings
+        records = self.records()
+        jobs = self.jobs(records)
+        resubmitted = self._refresh(jobs, records)
+        running = sum(j["status"] not in FINAL for j in jobs.values() if j.get("files"))
+        claimed = set(records) | {f["file_id"] for j in jobs.values() for f in j.get("files", [])}
+
+        now_ns = time.time_ns()
+        infos = storage.list_files(s.input) if storage.exists(s.input) else []
+        new, known, markers = [], 0, set()
+        for info in infos:
+            uri = file_uri(s.input, info)
+            if uri.startswith((s.state + "/", s.output + "/")):
+                continue  # the watch's own records and predictions, when they live under the input
+            if s.marker and info.base_name == s.marker:
+                markers.add(posixpath.dirname(uri))
+            if not is_candidate(info, s.pattern, s.min_age_s, now_ns):
+                continue
+            fid = submission_id(s.state, uri, info.size, info.mtime_ns or 0)
+            if fid in claimed:
+                known += 1
+                continue
+            new.append({"file_id": fid, "file": uri, "size": info.size, "mtime_ns": info.mtime_ns})
+
+        submitted, recovered, waiting = [], [], []
+        for group in group_files(new, s.max_files_per_job, markers if s.marker else None):
+            if running >= s.max_running_jobs:
+                waiting += [f["file"] for f in group]
+                continue
+            job, created = self._start_job(group, attempt=0)
+            jobs[job["submission_id"]] = job
+            (submitted if created else recovered).append(job)
+            running += 1
+        if submitted:
+            log.info("watch %s: submitted %s", s.input, [(j["submission_id"], len(j["files"])) for j in submitted])
+        statuses = dict(collections.Counter(r["status"] for r in self.records().values()))
+        # recovered: the records were missing but Ray already had the job (same submission id).
+        return {
+            "submitted": submitted,
+            "recovered": recovered,
+            "resubmitted": resubmitted,
+            "already_known": known,
+            "waiting": waiting,
+            "statuses": statuses,
+        }
+
+    def retry(self, files: list[str] | None = None, failed: bool = False) -> dict[str, Any]:
+        """Run failed, stopped or lost files again (named ``files``, or all of them with ``failed``),
+        each at most ``max_retries`` times; other files are refused with the reason."""
+        s = self.settings
+        records = self.records()
+        by_file: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+        for record in records.values():
+            by_file[storage.normalize(record["file"]) if "://" not in record["file"] else record["file"]].append(record)
+        if failed:
+            wanted = [r for r in records.values() if r["status"] in RETRYABLE]
+        else:
+            wanted = []
+            for uri in files or []:
+                key = storage.normalize(uri) if "://" not in uri else uri
+                if key not in by_file:
+                    raise RetryRefused(f"no record for {uri}: the watcher has not seen this file")
+                wanted.append(max(by_file[key], key=lambda r: r.get("updated_at", 0)))  # its newest version
+        refused = {}
+        for record in wanted:
+            if record["status"] not in RETRYABLE:
+                refused[record["file"]] = f"its job {record['job']} is {record['status']}; only {sorted(RETRYABLE)} files are retried"
+            elif record.get("attempt", 0) >= s.max_retries:
+                refused[record["file"]] = f"already retried {record.get('attempt', 0)} times (max_retries={s.max_retries})"
+        if refused:
+            raise RetryRefused("; ".join(f"{f}: {why}" for f, why in refused.items()))
+        started = []
+        by_attempt: dict[int, list[dict[str, Any]]] = collections.defaultdict(list)
+        for record in wanted:
+            by_attempt[record.get("attempt", 0) + 1].append(record)
+        for attempt, group in sorted(by_attempt.items()):
+            for chunk in group_files(group, s.max_files_per_job):
+                job, _ = self._start_job(chunk, attempt)
+                started.append(job)
+        return {"retried": started}
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
@@ -304,6 +508,10 @@ class UploadWatcher:
         with self._lock:
             records = self.watch.records()
         return {"settings": self.watch.settings.model_dump(), "records": records, "last_poll": self.last, "last_error": self.last_error}
+
+    def retry(self, files: list[str] | None = None, failed: bool = False) -> dict[str, Any]:
+        with self._lock:  # never interleaved with a poll of this watcher
+            return self.watch.retry(files, failed)
 
     def stop(self) -> None:
         self._stop.set()
@@ -342,7 +550,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ray_app.watcher", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("action", choices=["start", "poll", "status", "stop"], help="start the actor / poll once / show records / stop")
+    parser.add_argument(
+        "action",
+        choices=["start", "poll", "status", "retry", "stop"],
+        help="start the actor / poll once / show records / re-run failed or lost files / stop",
+    )
+    parser.add_argument("--file", dest="files", action="append", default=[], help="retry: a file to run again (repeatable)")
+    parser.add_argument("--failed", action="store_true", help="retry: every failed, stopped or lost file")
     parser.add_argument("--name", default=DEFAULT_NAME, help="actor name (one watcher per name)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else the cluster on this machine)")
     parser.add_argument("--no-detach", dest="detached", action="store_false", help="actor dies with this process")
@@ -372,6 +586,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result: dict[str, Any] = {"stopped": stop_watcher(args.name)}
     elif args.action == "status":
         result = ray.get(get_watcher(args.name).status.remote())
+    elif args.action == "retry" and not (args.workload and args.input):
+        if not args.files and not args.failed:
+            raise SystemExit("retry needs --file URI (repeatable) or --failed")
+        try:  # through the running watcher, so the retry never races one of its polls
+            result = ray.get(get_watcher(args.name).retry.remote(args.files, args.failed))
+        except ValueError as exc:  # RetryRefused (raised in the actor), or no watcher of that name
+            raise SystemExit(f"retry refused: {getattr(exc, 'cause', None) or exc}") from None
     else:
         values = {k: v for k, v in vars(args).items() if k in WatchSettings.model_fields and v is not None}
         if not values.get("workload") or not values.get("input"):
@@ -382,6 +603,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         settings = WatchSettings.model_validate(values)
         if args.action == "poll":  # one pass from this process, e.g. from cron or a CI step
             result = Watch(settings).poll()
+        elif args.action == "retry":  # with --workload/--input: from this process, no watcher needed
+            try:
+                result = Watch(settings).retry(args.files, args.failed)
+            except RetryRefused as exc:
+                raise SystemExit(f"retry refused: {exc}") from None
         else:
             watcher = start_watcher(settings, args.name, args.detached)
             result = ray.get(watcher.status.remote())
