@@ -56,8 +56,9 @@ def data_fingerprint(prepared_uri: str) -> str:
     """SHA-256 over the prepared files' names and sizes plus the manifest: changes whenever the
     training data does, without reading the data. Train records it in every checkpoint (a resume
     on other data is refused) and register in the model's metadata."""
-    digest = hashlib.sha256(storage.read_bytes(storage.join(prepared_uri, MANIFEST_FILE)))
-    for info in sorted(storage.list_files(ok_uri(prepared_uri)), key=lambda f: f.path):
+    current = storage.published(prepared_uri)  # resolved once: manifest and files of one version
+    digest = hashlib.sha256(storage.read_bytes(storage.join(current, MANIFEST_FILE)))
+    for info in sorted(storage.list_files(ok_uri(current)), key=lambda f: f.path):
         digest.update(f"{info.base_name}:{info.size}\n".encode())
     return digest.hexdigest()
 
