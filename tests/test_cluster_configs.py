@@ -1077,3 +1077,59 @@ def test_use_tpu_switch_reaches_ray_trains_scaling_config_from_the_cli():
         "resources_per_worker": {"CPU": 1.0},
     }
     assert scaling_config_kwargs(TrainConfig(num_workers=4, use_gpu=True), cluster_cpus=0)["resources_per_worker"] == {"CPU": 1.0, "GPU": 1}
+
+
+def test_ray_aws_bootstrap_and_node_provider_launch_every_type_with_its_role_and_market(tmp_path, monkeypatch, no_network):
+    """What `ray up` and the autoscaler do against EC2, run for real on moto's in-process AWS:
+    the roles and profiles of cluster/iam exist; Ray's bootstrap keeps our profiles (creates no
+    `ray-autoscaler-v1` role) and opens nothing but SSH; its node provider then launches each node
+    type with its instance profile, on Spot exactly where the type says so, tagged for the head
+    policy's cluster condition."""
+    from moto import mock_aws
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # the bootstrap writes its SSH key under ~/.ssh
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-west-2"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    import boto3
+    from ray.autoscaler._private.aws.config import bootstrap_aws
+    from ray.autoscaler._private.aws.node_provider import AWSNodeProvider
+    from ray.autoscaler._private.util import prepare_config
+    from ray.autoscaler.tags import TAG_RAY_NODE_KIND, TAG_RAY_NODE_NAME, TAG_RAY_USER_NODE_TYPE
+
+    config = launcher("aws.yaml")
+    with mock_aws():
+        iam = boto3.client("iam")
+        for who in ("head", "worker"):
+            iam.create_role(RoleName=f"ray-app-{who}", AssumeRolePolicyDocument=(IAM / "aws-ec2-trust-policy.json").read_text())
+            iam.put_role_policy(
+                RoleName=f"ray-app-{who}", PolicyName=f"ray-app-{who}", PolicyDocument=(IAM / f"aws-{who}-policy.json").read_text()
+            )
+            iam.create_instance_profile(InstanceProfileName=f"ray-app-{who}")
+            iam.add_role_to_instance_profile(InstanceProfileName=f"ray-app-{who}", RoleName=f"ray-app-{who}")
+        bootstrapped = bootstrap_aws(prepare_config(copy.deepcopy(config)))
+        assert sorted(r["RoleName"] for r in iam.list_roles()["Roles"]) == ["ray-app-head", "ray-app-worker"]
+        ec2 = boto3.client("ec2", region_name=config["provider"]["region"])
+        (group,) = ec2.describe_security_groups(GroupNames=[config["provider"]["security_group"]["GroupName"]])["SecurityGroups"]
+        from_outside = [p for p in group["IpPermissions"] if p["IpRanges"] or p.get("Ipv6Ranges")]
+        assert [(p["FromPort"], p["ToPort"]) for p in from_outside] == [(22, 22)], "only SSH from outside the group"
+
+        provider = AWSNodeProvider(bootstrapped["provider"], bootstrapped["cluster_name"])
+        for name, spec in bootstrapped["available_node_types"].items():
+            tags = {
+                TAG_RAY_NODE_KIND: "head" if name == config["head_node_type"] else "worker",
+                TAG_RAY_USER_NODE_TYPE: name,
+                TAG_RAY_NODE_NAME: name,
+            }
+            provider.create_node(spec["node_config"], tags, 1)
+        launched = {}
+        for reservation in ec2.describe_instances()["Reservations"]:
+            for instance in reservation["Instances"]:
+                tags = {t["Key"]: t["Value"] for t in instance["Tags"]}
+                launched[tags[TAG_RAY_USER_NODE_TYPE]] = (instance, tags)
+    assert set(launched) == set(config["available_node_types"])
+    for name, (instance, tags) in launched.items():
+        role = "ray-app-head" if name == config["head_node_type"] else "ray-app-worker"
+        assert instance["IamInstanceProfile"]["Arn"].endswith(f":instance-profile/{role}"), name
+        assert (instance.get("InstanceLifecycle") == "spot") == is_spot(config["available_node_types"][name]["node_config"]), name
+        assert tags["ray-cluster-name"] == config["cluster_name"], "the head policy manages only instances with this tag"
