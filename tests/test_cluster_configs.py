@@ -1133,3 +1133,32 @@ def test_ray_aws_bootstrap_and_node_provider_launch_every_type_with_its_role_and
         assert instance["IamInstanceProfile"]["Arn"].endswith(f":instance-profile/{role}"), name
         assert (instance.get("InstanceLifecycle") == "spot") == is_spot(config["available_node_types"][name]["node_config"]), name
         assert tags["ray-cluster-name"] == config["cluster_name"], "the head policy manages only instances with this tag"
+
+
+@pytest.mark.parametrize("name", list(KUBERAY))
+def test_rays_kuberay_autoscaler_reads_the_groups_as_intended(name):
+    """The node types Ray's own KubeRay autoscaler derives from the cluster spec (the code that runs
+    in the autoscaler sidecar): resources, the market label, Spot priority, zero minimums; the TPU
+    group is one v4-8 host, the machine the GCP launcher's TPU type names."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+
+    manifest = kuberay(name)
+    cr = {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayCluster",
+        "metadata": {"name": "ray-app", "namespace": "default"},
+        "spec": kuberay_cluster_spec(manifest),
+    }
+    types = _derive_autoscaling_config_from_ray_cr(cr)["available_node_types"]
+    head = types.pop("headgroup")
+    assert head["resources"]["CPU"] == 0 and head["max_workers"] == 0
+    for group in kuberay_cluster_spec(manifest)["workerGroupSpecs"]:
+        derived = types.pop(group["groupName"])
+        expected = {k: v for k, v in kuberay_group_resources(group).items() if v}
+        assert {k: derived["resources"].get(k, 0) for k in expected} == expected, group["groupName"]
+        assert derived["labels"] == group.get("labels", {}) and derived.get("priority", 0) == group.get("priority", 0)
+        assert derived["max_workers"] == group["maxReplicas"] and derived["min_workers"] == group["minReplicas"]
+        if expected.get("TPU"):
+            gcp_tpu = next(t for t in launcher("gcp.yaml")["available_node_types"].values() if t["resources"].get("TPU"))
+            assert derived["resources"][f"TPU-{gcp_tpu['node_config']['acceleratorType']}-head"] == 1
+    assert not types
