@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pyarrow.parquet as pq
+import pytest
 
 from ray_app import storage
 from ray_app.cli import run_cli
@@ -83,3 +84,59 @@ def test_batch_predict_covers_every_input_file(trained_workspace, demo_images, t
     labelled = [r for r in ok if os.path.basename(os.path.dirname(r["path"])).isdigit()]
     correct = sum(os.path.basename(os.path.dirname(r["path"])) == r["label"] for r in labelled)
     assert correct / len(labelled) > 0.6
+
+
+def _worse_run(workspace: str, run_name: str) -> str:
+    """A run whose checkpoint is the chain's model with its output classes rotated by one: a real,
+    loadable model that is clearly worse on the same test split."""
+    import torch
+
+    from ray_app.bundle import load_bundle, save_bundle
+    from ray_app.engine.train import SUMMARY_FILE
+
+    good = load_bundle(storage.read_json(os.path.join(workspace, "image", "runs", "chain", SUMMARY_FILE))["checkpoint"])
+    last = [m for m in good.model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.copy_(last.weight.roll(1, dims=0))
+        last.bias.copy_(last.bias.roll(1, dims=0))
+    run = os.path.join(workspace, "image", "runs", run_name)
+    save_bundle(good.model, os.path.join(run, "checkpoint"), {k: v for k, v in good.info.items() if k != "weights_sha256"})
+    storage.write_json(os.path.join(run, SUMMARY_FILE), {"checkpoint": os.path.join(run, "checkpoint")})
+    return run
+
+
+def test_promotion_gate_refuses_a_worse_model_force_moves_it_rollback_restores(trained_workspace):
+    workspace = trained_workspace["workspace"]
+    registry = ModelRegistry(os.path.join(workspace, "models"))
+    good = registry.resolve_version("image", "production")
+    versions_before = registry.versions("image")
+    run = _worse_run(workspace, "worse")
+    common = ["image", "register", "--workspace", workspace, "--run-name", "worse", "--alias", "production"]
+
+    # The chain's evaluation report belongs to other weights: refused before anything is scored.
+    chain_report = os.path.join(workspace, "image", "runs", "chain", "evaluation", "report.json")
+    storage.write_json(os.path.join(run, "evaluation", "report.json"), storage.read_json(chain_report))
+    with pytest.raises(SystemExit, match=r"evaluation report .* is for weights .* not for the checkpoint being registered"):
+        run_cli(common)
+    os.remove(os.path.join(run, "evaluation", "report.json"))
+
+    # Both models re-scored on the same test rows: the worse one may not take the alias...
+    with pytest.raises(SystemExit, match=r"refusing to move 'production'.*accuracy 0\.\d+ against 0\.\d+ for version") as refused:
+        run_cli(common)
+    assert "--force" in str(refused.value)
+    assert registry.versions("image") == versions_before and registry.resolve_version("image", "production") == good
+
+    # ...unless forced; the decision and both scores go into the summary and the alias history.
+    forced = run_cli([*common, "--force", "--reason", "test: forced"])
+    gate = forced["promotion"]
+    assert gate["forced"] and not gate["passed"] and gate["metric"] == "accuracy" and gate["rows"] > 0
+    assert gate["candidate"]["score"] < gate["current"]["score"] - gate["tolerance"] and gate["current"]["version"] == good
+    assert registry.resolve_version("image", "production") == forced["version"]
+    moved = registry.alias_history("image", "production")[-1]
+    assert (moved["from"], moved["to"], moved["reason"], moved["metrics"]) == (good, forced["version"], "test: forced", gate)
+
+    # One command takes production back.
+    rolled = run_cli(["image", "rollback", "--workspace", workspace, "--alias", "production"])
+    assert (rolled["from"], rolled["to"]) == (forced["version"], good)
+    assert registry.resolve_version("image", "production") == good
+    assert registry.alias_history("image", "production")[-1]["kind"] == "rollback"
