@@ -1023,6 +1023,7 @@ def test_tpu_worker_types_match_the_training_switch():
     gcp = launcher("gcp.yaml")
     (tpu_type,) = [t for t in gcp["available_node_types"].values() if t["resources"].get("TPU")]
     assert tpu_type["node_config"]["acceleratorType"] == "v4-8" and tpu_type["min_workers"] == 0
+    assert tpu_type["node_config"]["tags"] == ["ray-app"], "the firewall rules admit the head's SSH to it"
     assert tpu_type["resources"]["TPU"] == tpus_needed == topology_chips("2x2x1")
     assert image_flavour(tpu_type["docker"]["worker_image"]) == "tpu"
     text = (CLUSTER / "gcp.yaml").read_text()
