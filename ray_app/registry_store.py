@@ -192,7 +192,9 @@ class RegistryStore:
             from google.api_core.exceptions import PreconditionFailed
             from google.cloud import storage as gcs
         except ImportError:
-            raise RegistryError("a registry on gs:// needs google-cloud-storage for create-only writes") from None
+            raise RegistryError(
+                "a registry on gs:// needs google-cloud-storage for create-only writes (pip install 'ray_app[gcs]')"
+            ) from None
         try:
             gcs.Client().bucket(bucket).blob(key).upload_from_string(data, if_generation_match=0)
         except PreconditionFailed:
