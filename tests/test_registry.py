@@ -234,6 +234,50 @@ def test_full_disk_leaves_the_previous_state_whole_and_says_so(tmp_path, bundle,
     assert version > 2 and healthy.resolve_version("image", "production") == version
 
 
+def test_disk_full_at_each_later_write_of_register_and_move(tmp_path, bundle, caplog):
+    from fault_fs import faulty_filesystem
+
+    root = str(tmp_path / "models")
+    healthy = ModelRegistry(root)
+    healthy.register("image", bundle, {}, alias="production")
+    aliases_json = os.path.join(root, "image", ALIASES_FILE)
+
+    # The disk fills while the weights are copied: the claimed number stays unused, nothing is listed.
+    weights_full = ModelRegistry(root, filesystem=faulty_filesystem("enospc", 1000, WEIGHTS_FILE))
+    with pytest.raises(RegistryWriteError, match=rf"{WEIGHTS_FILE}: .*No space left on device"):
+        weights_full.register("image", bundle, {}, alias="production")
+    assert healthy.versions("image") == [1] and healthy.resolve_version("image", "production") == 1
+
+    # The disk fills after the move's record, while aliases.json is refreshed: the move is recorded
+    # and in effect, the old aliases.json stays whole, the problem is logged, the next move repairs it.
+    v2 = healthy.register("image", bundle, {})
+    before = open(aliases_json, "rb").read()
+    aliases_full = ModelRegistry(root, filesystem=faulty_filesystem("enospc", 5, ALIASES_FILE))
+    with caplog.at_level("WARNING", logger="ray_app.registry"):
+        record = aliases_full.move_alias("image", "production", v2, reason="disk fills late")
+    assert record["to"] == v2 and healthy.resolve_version("image", "production") == v2
+    assert open(aliases_json, "rb").read() == before
+    assert "No space left on device" in caplog.text and "recorded in" in caplog.text
+    healthy.rollback("image", "production")
+    assert json.loads(open(aliases_json).read()) == {"production": 1}
+
+
+def test_rollback_cli_prints_the_move_and_refuses_when_there_is_nothing_before(tmp_path, bundle, capsys):
+    from ray_app.cli import run_cli
+
+    workspace = str(tmp_path / "ws")
+    registry = ModelRegistry(os.path.join(workspace, "models"))
+    registry.register("image", bundle, {}, alias="production")
+    registry.register("image", bundle, {}, alias="production")
+    result = run_cli(["image", "rollback", "--workspace", workspace, "--alias", "production", "--reason", "bad release"])
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["from"], printed["to"], printed["reason"]) == (2, 1, "bad release") == (result["from"], result["to"], result["reason"])
+    assert printed["dashboard"] is None, "rollback neither starts nor joins Ray"
+    with pytest.raises(SystemExit, match="error: image alias 'production' has no earlier version"):
+        run_cli(["image", "rollback", "--workspace", workspace, "--alias", "production"])
+    assert registry.resolve_version("image", "production") == 1
+
+
 # ---- SIGKILL mid-write ---------------------------------------------------------------------------
 _CHILD = """
 import sys
