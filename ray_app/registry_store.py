@@ -176,12 +176,15 @@ class RegistryStore:
         except ImportError:
             raise RegistryError("a registry on s3:// needs boto3 for create-only writes (pip install boto3)") from None
         if self._s3 is None:  # endpoint, region and credentials from the usual AWS_* settings, like pyarrow
-            self._s3 = boto3.client("s3")
+            client = boto3.client("s3")
+            _check_s3_honours_conditions(client, self.root, bucket, key, ClientError)
+            self._s3 = client
+
         try:
             self._s3.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
         except ClientError as exc:
-            # 412: the key exists. 409: a concurrent conditional write to the same key is in flight;
-            # either way another writer owns this name.
+            # 412: the key exists. 409: a concurrent conditional write to the same key was in flight.
+            # Either way the caller re-reads and retries, which is right in both cases.
             if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
                 return False
             raise RegistryWriteError(self.uri(rel), exc) from exc
@@ -215,3 +218,24 @@ def _fsync_folder(folder: str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _check_s3_honours_conditions(client: Any, root: str, bucket: str, key: str, client_error: type[Exception]) -> None:
+    """Some S3-compatible stores ignore If-None-Match and overwrite: concurrent registry writers
+    would then race silently. Write a probe twice (once per store object); the second must fail."""
+    probe = posixpath.join(posixpath.dirname(key), f".conditional-write-probe-{uuid.uuid4().hex}")
+    try:
+        client.put_object(Bucket=bucket, Key=probe, Body=b"", IfNoneMatch="*")
+        try:
+            client.put_object(Bucket=bucket, Key=probe, Body=b"", IfNoneMatch="*")
+        except client_error as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412:
+                return
+            raise
+        raise RegistryError(
+            f"{root}: this S3 endpoint ignores If-None-Match on PUT, so concurrent registry writers could "
+            "overwrite each other; use a store with conditional writes (AWS S3, recent MinIO)"
+        )
+    finally:
+        with contextlib.suppress(Exception):
+            client.delete_object(Bucket=bucket, Key=probe)
