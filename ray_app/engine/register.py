@@ -120,7 +120,11 @@ def promotion_gate(config: AppConfig, registry: ModelRegistry, candidate_uri: st
     from ray_app.workloads import get_workload
 
     workload = get_workload(config.workload)
-    labels, (candidate_probabilities, current_probabilities) = score_models_on_test_split(config, [candidate_uri, current_uri])
+    try:
+        labels, (candidate_probabilities, current_probabilities) = score_models_on_test_split(config, [candidate_uri, current_uri])
+    except Exception as exc:  # noqa: BLE001 - e.g. the current model expects other data shapes: no like-for-like score
+        note = f"the two models could not be scored on the same test rows ({type(exc).__name__}: {str(exc)[:300]})"
+        return {**decision, "passed": False, "note": note}
     scores = []
     for probabilities in (candidate_probabilities, current_probabilities):
         report, _ = workload.evaluation_report(labels, probabilities, classes)
