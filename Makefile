@@ -30,18 +30,18 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/python -m ray_app.demo --workload image
+	$(BIN)/python -m ray_app.demos --workload image
 
 demo-text: setup
-	$(BIN)/python -m ray_app.demo --workload text
+	$(BIN)/python -m ray_app.demos --workload text
 
 demo-ctr: setup
-	$(BIN)/python -m ray_app.demo --workload ctr
+	$(BIN)/python -m ray_app.demos --workload ctr
 
 # A head with no CPUs + the Ray autoscaler (fake_multinode: worker nodes are extra raylets on this
 # machine); a job makes it add nodes, idle nodes go again. Ends with `ray stop --force`.
 demo-autoscaling: setup
-	$(BIN)/python -m ray_app.autoscaling_demo
+	$(BIN)/python -m ray_app.demos.autoscaling
 
 # The same cluster on a provider that can reclaim nodes like Spot capacity: a worker node that hosts
 # training is taken away mid-run and the job finishes from its last checkpoint. Ends with `ray stop --force`.

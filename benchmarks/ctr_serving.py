@@ -33,6 +33,7 @@ from load import closed_loop, have_wrk, wrk_closed_loop  # noqa: E402
 
 from ray_app.bundle import load_bundle  # noqa: E402
 from ray_app.config import load_config  # noqa: E402
+from ray_app.demos.clicks import CRITEO_OPTIONS, generate_block, generate_criteo  # noqa: E402
 from ray_app.engine.evaluate import run_evaluate  # noqa: E402
 from ray_app.engine.prepare import run_prepare  # noqa: E402
 from ray_app.engine.register import run_register  # noqa: E402
@@ -40,7 +41,6 @@ from ray_app.engine.train import run_train  # noqa: E402
 from ray_app.registry import resolve_model_uri  # noqa: E402
 from ray_app.runtime import SERVE_FAST_PATH_ENV, unused_loopback_port  # noqa: E402
 from ray_app.serving.app import run_serve  # noqa: E402
-from ray_app.workloads.ctr_data import CRITEO_OPTIONS, generate_block, generate_criteo  # noqa: E402
 
 
 def wait_for_zero(timeout: float = 120) -> None:

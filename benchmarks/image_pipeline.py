@@ -22,7 +22,7 @@ import ray
 import torch
 
 from ray_app.bundle import load_bundle, save_bundle
-from ray_app.demo_data import write_image_folders
+from ray_app.demos.data import write_image_folders
 from ray_app.engine.predict import scored_dataset
 from ray_app.engine.prepare import prepared_dataset
 from ray_app.workloads.image import ImageOptions, ImageWorkload, decode_image
@@ -186,7 +186,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=4000, help="224×224 PNGs")
     parser.add_argument("--small-images", type=int, default=40000, help="28×28 PNGs")
-    parser.add_argument("--noise", type=float, default=6.0, help="sensor noise on 224×224 images (see demo_data)")
+    parser.add_argument("--noise", type=float, default=6.0, help="sensor noise on 224×224 images (see ray_app.demos.data)")
     parser.add_argument("--memory-scale", type=int, default=10, help="also run the 28×28 case at 1/N the images to compare peak memory")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="ray_app_bench_")

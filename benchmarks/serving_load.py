@@ -97,7 +97,7 @@ def build_registry(root: str, case: str, width: int) -> dict[str, Any]:
 def request_bodies(case: str, count: int = 64) -> list[bytes]:
     """Real MNIST digits, encoded the way clients would send them: 224×224 RGB JPEGs (tinted, with
     sensor noise so they do not compress to nothing) or 28×28 grayscale PNGs."""
-    from ray_app.demo_data import load_mnist_5k
+    from ray_app.demos.data import load_mnist_5k
 
     spec = CASES[case]
     images = load_mnist_5k()[0][:count]

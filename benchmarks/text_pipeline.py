@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from load import closed_loop  # noqa: E402
 
 from ray_app.bundle import save_bundle  # noqa: E402
-from ray_app.demo_data import write_text_demo  # noqa: E402
+from ray_app.demos.data import write_text_demo  # noqa: E402
 from ray_app.engine.prepare import prepared_dataset  # noqa: E402
 from ray_app.runtime import unused_loopback_port  # noqa: E402
 from ray_app.serving.app import build_app  # noqa: E402

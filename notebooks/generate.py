@@ -123,7 +123,7 @@ IMAGE = [
         "project's CLI in this process (`ray_app.cli.run_cli`, the same code as `ray-app image <stage>`) "
         "and looks at what it wrote. Everything goes under `./workspace/notebook-image`.",
     ),
-    ("code", setup("image", ["from PIL import Image"], ["from ray_app.demo_data import first_digit_file, write_image_folders"])),
+    ("code", setup("image", ["from PIL import Image"], ["from ray_app.demos.data import first_digit_file, write_image_folders"])),
     *CONNECT,
     (
         "md",
@@ -237,7 +237,7 @@ TEXT = [
         "about a minute on 2 CPU cores: expect an accuracy near chance; `make demo-text` trains on 4,000 "
         "reviews. Everything goes under `./workspace/notebook-text`.",
     ),
-    ("code", setup("text", ["import pandas as pd"], ["from ray_app.demo_data import write_text_demo"])),
+    ("code", setup("text", ["import pandas as pd"], ["from ray_app.demos.data import write_text_demo"])),
     *CONNECT,
     (
         "md",
@@ -327,7 +327,7 @@ CTR = [
         "against a per-item click-rate baseline, and an endpoint with no replica while idle. About a "
         "minute on 2 CPU cores; everything goes under `./workspace/notebook-ctr`.",
     ),
-    ("code", setup("ctr", [], ["from ray_app.workloads.ctr_data import MOVIELENS_OPTIONS, movielens_clicks"])),
+    ("code", setup("ctr", [], ["from ray_app.demos.clicks import MOVIELENS_OPTIONS, movielens_clicks"])),
     *CONNECT,
     (
         "md",

@@ -12,10 +12,10 @@ import ray
 
 from ray_app.cli import run_cli
 from ray_app.config import load_config
-from ray_app.demo_data import write_image_folders, write_text_demo
+from ray_app.demos.clicks import MOVIELENS_OPTIONS, movielens_clicks
+from ray_app.demos.data import write_image_folders, write_text_demo
 from ray_app.runtime import unused_loopback_port
 from ray_app.serving.app import run_serve
-from ray_app.workloads.ctr_data import MOVIELENS_OPTIONS, movielens_clicks
 
 IMAGES_PER_RUN = 600  # real digits: enough to learn well above chance in a few CPU epochs
 REVIEWS = 600  # real Rotten Tomatoes snippets for the text chain

@@ -1,4 +1,4 @@
-"""A plain token-auth head (``ray_app.autoscaling_demo.start_head``) with a token of the test's own,
+"""A plain token-auth head (``ray_app.local_cluster.start_head``) with a token of the test's own,
 for tests that need a real cluster of their own (``pytest -m own_cluster``): the upload watcher and
 ``serve deploy``."""
 
@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from ray_app.autoscaling_demo import start_head as start_ray_head
-from ray_app.autoscaling_demo import stop_local_cluster as stop_head  # noqa: F401 - re-exported for the tests
+from ray_app.local_cluster import start_head as start_ray_head
+from ray_app.local_cluster import stop_local_cluster as stop_head  # noqa: F401 - re-exported for the tests
 from ray_app.runtime import unused_loopback_port
 
 

@@ -17,8 +17,8 @@ import requests
 from conftest import ROWS
 from ray import serve
 
+from ray_app.demos.clicks import CATEGORICAL, MOVIELENS_OPTIONS, NUMERIC, generate_criteo
 from ray_app.workloads.ctr import CTRWorkload
-from ray_app.workloads.ctr_data import CATEGORICAL, MOVIELENS_OPTIONS, NUMERIC, generate_criteo
 
 
 def test_prepare_rejects_malformed_rows_and_splits_by_time(ctr_run):

@@ -11,7 +11,7 @@ from ray_app import storage
 from ray_app.cli import run_cli
 from ray_app.registry import ModelRegistry
 
-BROKEN_FILES = 5  # written by demo_data.write_broken_files
+BROKEN_FILES = 5  # written by demos.data.write_broken_files
 
 
 def test_prepare_counts_add_up_and_rejects_keep_reasons(trained_workspace, demo_images):

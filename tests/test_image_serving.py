@@ -15,7 +15,7 @@ from PIL import Image
 from ray import serve
 
 from ray_app.config import ServeConfig
-from ray_app.demo_data import first_digit_file
+from ray_app.demos.data import first_digit_file
 from ray_app.runtime import unused_loopback_port
 from ray_app.serving.app import build_app, start_http
 from ray_app.serving.loaders import InMemoryLoader, untrained_model

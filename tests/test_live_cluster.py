@@ -18,7 +18,8 @@ import yaml
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobStatus
 
-from ray_app.autoscaling_demo import (
+from ray_app.demos.data import write_image_folders
+from ray_app.local_cluster import (
     DEFAULT_CONFIG,
     NodeWatcher,
     image_job_entrypoint,
@@ -28,7 +29,6 @@ from ray_app.autoscaling_demo import (
     submit_image_job,
     wait_for_job,
 )
-from ray_app.demo_data import write_image_folders
 
 pytestmark = pytest.mark.own_cluster
 

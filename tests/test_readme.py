@@ -311,7 +311,7 @@ def repo_path(token: str) -> str | None:
 def demo_writes(path: str) -> bool:
     """``workspace/demo_images/<digit>/<index>_<repeat>.png`` is a file `make demo` writes when
     that index of the shipped MNIST set is that digit (file names are not in label order)."""
-    from ray_app.demo_data import load_mnist_5k
+    from ray_app.demos.data import load_mnist_5k
 
     match = re.fullmatch(r"workspace/demo_images/(\d)/(\d{5})_0\.png", path)
     if not match:
@@ -406,7 +406,7 @@ def test_no_endpoint_is_queried_before_it_is_started():
     "bad, reason",
     [
         (["ray-app", "image", "train", "--epochz", "3"], "rejected"),
-        (["python", "-m", "ray_app.demo", "--workload", "audio"], "rejected"),
+        (["python", "-m", "ray_app.demos", "--workload", "audio"], "rejected"),
         (["ray", "start", "--hed"], "rejected"),
         (["make", "no-such-target"], "no make target"),
     ],

@@ -21,7 +21,7 @@ from ray import serve
 from schemathesis import GenerationMode
 
 from ray_app.cli import run_cli
-from ray_app.demo_data import first_digit_file
+from ray_app.demos.data import first_digit_file
 from ray_app.runtime import unused_loopback_port
 from ray_app.serving.app import build_app
 

@@ -8,7 +8,7 @@ import requests
 from ray import serve
 
 from ray_app.config import load_config
-from ray_app.demo_data import first_digit_file
+from ray_app.demos.data import first_digit_file
 from ray_app.runtime import unused_loopback_port
 from ray_app.serving.app import build_app, settings_from_config
 

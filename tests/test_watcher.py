@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from ray_head import head_info, run, start_head, stop_head, wait_for
 
-from ray_app.demo_data import write_image_folders
+from ray_app.demos.data import write_image_folders
 from ray_app.watcher import WatchSettings, is_candidate, output_name, submission_id
 
 FINAL = {"SUCCEEDED", "FAILED", "STOPPED", "LOST"}

@@ -18,7 +18,8 @@ from typing import Any
 
 from ray_app import storage
 from ray_app.config import AppConfig, load_config
-from ray_app.demo_data import first_digit_file, write_image_folders, write_text_demo
+from ray_app.demos.clicks import MOVIELENS_OPTIONS, movielens_clicks, write_movielens_clicks
+from ray_app.demos.data import first_digit_file, write_image_folders, write_text_demo
 from ray_app.engine.evaluate import run_evaluate
 from ray_app.engine.predict import run_predict
 from ray_app.engine.prepare import run_prepare
@@ -26,7 +27,6 @@ from ray_app.engine.register import run_register
 from ray_app.engine.train import run_train
 from ray_app.runtime import connect
 from ray_app.serving.app import run_serve
-from ray_app.workloads.ctr_data import MOVIELENS_OPTIONS, movielens_clicks, write_movielens_clicks
 
 
 def post(url: str, body: bytes, content_type: str) -> dict[str, Any]:
@@ -136,7 +136,9 @@ def run_demo(config: AppConfig, requests: list[tuple[str, bytes, str]], keep_ser
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m ray_app.demos", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workload", choices=sorted(DEMOS), default="image")
     parser.add_argument("--workspace", default="./workspace")
     parser.add_argument("--rows", type=int, default=None, help="images / reviews to use (default: 5000 / 4000)")

