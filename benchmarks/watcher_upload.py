@@ -25,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ray_app.autoscaling_demo import start_head, stop_local_cluster
-from ray_app.demo_data import write_image_folders
+from ray_app.demos.data import write_image_folders
+from ray_app.local_cluster import start_head, stop_local_cluster
 from ray_app.runtime import unused_loopback_port
 
 FINAL = {"SUCCEEDED", "FAILED", "STOPPED", "LOST"}
