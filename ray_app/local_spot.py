@@ -1,0 +1,205 @@
+"""Spot capacity on one machine: a worker node is reclaimed mid-training, and the job finishes.
+
+Ray's ``fake_multinode`` provider starts worker "nodes" as extra raylets on this host. A cloud also
+takes Spot/preemptible instances away on its own; :class:`ReclaimableFakeProvider` adds exactly
+that: asked to reclaim a node (a file named after the node in ``provider.reclaim_dir``), the
+provider terminates it and stops listing it, as EC2/GCE do with a reclaimed Spot VM. The
+autoscaler, which runs the provider, sees the node go; Ray sees the raylet leave; Ray Train
+restarts the training workers from the last checkpoint (``FailureConfig``), on a node the
+autoscaler launches again if none has room.
+
+    python -m ray_app.local_spot              # or: make demo-spot
+
+Stops every Ray process of this user at the end (``ray stop --force``), like the autoscaling demo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
+
+from ray_app.local_cluster import DEFAULT_CONFIG, LocalCluster, start_local_cluster
+
+PROVIDER_MODULE = "ray_app.local_spot.ReclaimableFakeProvider"
+DONE_SUFFIX = ".reclaimed"
+
+
+class ReclaimableFakeProvider(FakeMultiNodeProvider):
+    """``fake_multinode`` plus Spot reclaims (named by ``provider.module`` in the config). Like its
+    base, it only runs inside a head started with ``RAY_FAKE_CLUSTER=1``."""
+
+    def non_terminated_nodes(self, tag_filters):
+        # The autoscaler lists the nodes every update: the moment to act on a reclaim request.
+        _reclaim_requested(self, self.provider_config["reclaim_dir"])
+        return super().non_terminated_nodes(tag_filters)
+
+
+def _reclaim_requested(provider: Any, reclaim_dir: str) -> None:
+    folder = Path(reclaim_dir)
+    if not folder.is_dir():
+        return
+    for request in folder.iterdir():
+        node_id = request.name
+        if node_id.endswith(DONE_SUFFIX) or not provider.is_running(node_id):
+            continue
+        # terminate_node kills the node's raylet and workers (SIGTERM first: a reclaim notice) and
+        # forgets the node, so the next listing no longer has it.
+        provider.terminate_node(node_id)
+        (folder / f"{node_id}{DONE_SUFFIX}").write_text(f"{time.time()}\n")
+        request.unlink()
+
+
+def reclaimable_config(workdir: str | Path, config: str | Path = DEFAULT_CONFIG) -> tuple[Path, Path]:
+    """A copy of the local autoscaling config whose provider can reclaim nodes; returns (config
+    path, reclaim folder). Everything else (node types, idle timeout) is the file as shipped."""
+    cluster_config = yaml.safe_load(Path(config).read_text())
+    reclaim_dir = Path(workdir) / "reclaims"
+    reclaim_dir.mkdir(parents=True, exist_ok=True)
+    cluster_config["provider"] = {
+        **cluster_config["provider"],
+        "type": "external",
+        "module": PROVIDER_MODULE,
+        "reclaim_dir": str(reclaim_dir),
+    }
+    path = Path(workdir) / "reclaimable.yaml"
+    path.write_text(yaml.safe_dump(cluster_config, sort_keys=False))
+    return path, reclaim_dir
+
+
+def start_reclaimable_cluster(workdir: str) -> tuple[LocalCluster, Path]:
+    """The local autoscaling cluster (``start_local_cluster``) on the reclaiming provider."""
+    config, reclaim_dir = reclaimable_config(workdir)
+    return start_local_cluster(config, workdir=workdir), reclaim_dir
+
+
+def reclaim(reclaim_dir: str | Path, node_id: str, timeout_s: float = 30) -> float:
+    """Ask the provider to reclaim ``node_id``; returns when it has (seconds taken)."""
+    started = time.monotonic()
+    Path(reclaim_dir, node_id).write_text("reclaim\n")
+    done = Path(reclaim_dir, f"{node_id}{DONE_SUFFIX}")
+    while not done.exists():
+        if time.monotonic() - started > timeout_s:
+            raise TimeoutError(f"the provider did not reclaim {node_id} within {timeout_s} s")
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
+def training_worker_nodes(cluster: LocalCluster) -> list[str]:
+    """Node IDs that host an alive Ray Train worker (the nodes worth reclaiming)."""
+    from ray.util.state import StateApiClient
+    from ray.util.state.common import ListApiOptions, StateResource
+
+    client = StateApiClient(address=cluster.dashboard_url, headers={"Content-Type": "application/json", **cluster.headers})
+    actors = client.list(
+        StateResource.ACTORS,
+        options=ListApiOptions(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]),
+        raise_on_missing_output=False,
+    )
+    return sorted({actor.node_id for actor in actors})
+
+
+def checkpoints(run_uri: str | Path) -> list[str]:
+    folder = Path(run_uri)
+    return sorted(p.name for p in folder.glob("checkpoint_*") if (p / "bundle.json").exists()) if folder.is_dir() else []
+
+
+def train_job_entrypoint(workspace: str, run_name: str, epochs: int, batch_size: int = 16, python: str = "python") -> str:
+    """Train only (the data is prepared), 2 workers with half a CPU each, as a user types it."""
+    return (
+        f"{python} -m ray_app image train --workspace {shlex.quote(workspace)} --run-name {shlex.quote(run_name)} "
+        f"--num-workers 2 --cpus-per-worker 0.5 --epochs {epochs} --batch-size {batch_size} --max-failures 3"
+    )
+
+
+def run_through_a_reclaim(
+    cluster: LocalCluster, reclaim_dir: Path, workspace: str, run_name: str, epochs: int, timeout_s: float = 300, log=print
+) -> dict[str, Any]:
+    """Submit training, wait for its first checkpoint, reclaim a node that hosts a training
+    worker, wait for the job to end. Returns what happened (status, reclaimed node, summary)."""
+    from ray_app.local_cluster import stage_summaries, wait_for_job
+
+    client = cluster.job_client()
+    job_id = client.submit_job(
+        entrypoint=train_job_entrypoint(workspace, run_name, epochs, python=shlex.quote(sys.executable)),
+        submission_id=f"spot-train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+        metadata={"workload": "image", "stage": "train", "purpose": "spot reclaim demo"},
+    )
+    log(f"submitted {job_id}: {epochs} epochs, checkpoint every epoch")
+    run_uri = Path(workspace, "image", "runs", run_name)
+    deadline = time.monotonic() + timeout_s
+    while not checkpoints(run_uri):
+        if client.get_job_status(job_id).is_terminal() or time.monotonic() > deadline:
+            return {"job_id": job_id, "status": client.get_job_status(job_id), "reclaimed": None, "logs": client.get_job_logs(job_id)}
+        time.sleep(0.2)
+    at_reclaim = checkpoints(run_uri)
+    victims = training_worker_nodes(cluster)
+    log(f"checkpoints so far: {at_reclaim}; training workers on nodes {[v[-5:] for v in victims]}")
+    reclaimed = victims[0] if victims else None
+    if reclaimed:
+        seconds = reclaim(reclaim_dir, reclaimed)
+        log(f"node ...{reclaimed[-5:]} reclaimed by the provider ({seconds:.1f} s after the request)")
+    status = wait_for_job(cluster, job_id, timeout_s=max(1.0, deadline - time.monotonic()))
+    logs = client.get_job_logs(job_id)
+    summary = stage_summaries(logs).get("train", {})
+    log(f"job {job_id}: {status}; resumed at epoch(s) {summary.get('resumed_at')}, {summary.get('epochs_completed')} epochs done")
+    return {
+        "job_id": job_id,
+        "status": status,
+        "reclaimed": reclaimed,
+        "checkpoints_at_reclaim": at_reclaim,
+        "summary": summary,
+        "logs": logs,
+    }
+
+
+def run_demo(images: int, epochs: int) -> int:
+    from ray_app.demos.data import write_image_folders
+    from ray_app.local_cluster import NodeWatcher, stop_local_cluster, submit_image_job, wait_for_job
+
+    root = tempfile.mkdtemp(prefix="ray-app-spot-")
+    folder, workspace = os.path.join(root, "digits"), os.path.join(root, "workspace")
+    write_image_folders(folder, limit=images)
+    started = time.monotonic()
+
+    def log(message: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f}s] {message}", flush=True)
+
+    try:
+        cluster, reclaim_dir = start_reclaimable_cluster(root)
+        log(f"head with 0 CPUs and the autoscaler on the reclaiming provider; dashboard {cluster.dashboard_url}")
+        watcher = NodeWatcher(cluster, on_change=lambda _, n: log(f"worker nodes alive: {n}")).start()
+        prepared = submit_image_job(cluster, folder, workspace, epochs=1)  # prepare (+ a 1-epoch warm-up run)
+        if str(wait_for_job(cluster, prepared, timeout_s=600)) != "SUCCEEDED":
+            print(cluster.job_client().get_job_logs(prepared)[-5000:])
+            return 1
+        outcome = run_through_a_reclaim(cluster, reclaim_dir, workspace, "spot", epochs, log=log)
+        watcher.stop()
+        log(f"worker nodes over time: {' -> '.join(map(str, watcher.counts()))} ({len(watcher.seen)} launched in all)")
+        if str(outcome["status"]) != "SUCCEEDED":
+            print(outcome["logs"][-5000:])
+            return 1
+        return 0
+    finally:
+        stop_local_cluster()
+        log("cluster stopped (ray stop --force)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=400, help="MNIST digits to train on")
+    parser.add_argument("--epochs", type=int, default=4)
+    args = parser.parse_args(argv)
+    return run_demo(args.images, args.epochs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
