@@ -1163,3 +1163,28 @@ def test_rays_kuberay_autoscaler_reads_the_groups_as_intended(name):
             gcp_tpu = next(t for t in launcher("gcp.yaml")["available_node_types"].values() if t["resources"].get("TPU"))
             assert derived["resources"][f"TPU-{gcp_tpu['node_config']['acceleratorType']}-head"] == 1
     assert not types
+
+
+def test_reclaimable_local_config_is_the_shipped_one_on_a_provider_the_autoscaler_can_load(tmp_path, no_network):
+    """The spot test's cluster (ray_app.local_spot): cluster/local-autoscaling.yaml with only the
+    provider swapped for fake_multinode's subclass that can reclaim nodes; Ray validates it and
+    resolves `provider.module` the way the autoscaler does."""
+    from ray.autoscaler._private.fake_multi_node.node_provider import FakeMultiNodeProvider
+    from ray.autoscaler._private.providers import _get_node_provider_cls
+    from ray.autoscaler._private.util import validate_config
+
+    from ray_app.local_spot import ReclaimableFakeProvider, reclaimable_config
+
+    path, reclaim_dir = reclaimable_config(tmp_path)
+    config, shipped = yaml.safe_load(path.read_text()), launcher("local-autoscaling.yaml")
+    validate_config(config)
+    assert {k: v for k, v in config.items() if k != "provider"} == {k: v for k, v in shipped.items() if k != "provider"}
+    assert config["provider"] == {
+        **shipped["provider"],
+        "type": "external",
+        "module": "ray_app.local_spot.ReclaimableFakeProvider",
+        "reclaim_dir": str(reclaim_dir),
+    }
+    assert reclaim_dir.is_dir()
+    provider_cls = _get_node_provider_cls(config["provider"])
+    assert provider_cls is ReclaimableFakeProvider and issubclass(provider_cls, FakeMultiNodeProvider)
