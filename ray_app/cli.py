@@ -83,6 +83,9 @@ def _add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], pr
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ray-app", description="MLOps on Ray: prepare, train, evaluate, register, predict, serve.")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--verbose", action="store_true", help="also show Ray's INFO/WARNING lines and all worker output (default: only in Ray's log files)"
+    )
     workloads = parser.add_subparsers(dest="workload", required=True, metavar="WORKLOAD")
     for workload_name in names():
         workload = get_workload(workload_name)
@@ -150,12 +153,17 @@ def run_cli(argv: list[str] | None = None) -> dict[str, Any]:
 
     from ray_app.runtime import connect
 
-    dashboard = connect(config.address) if args.stage not in REGISTRY_ONLY_STAGES else None
+    dashboard = connect(config.address, verbose=args.verbose) if args.stage not in REGISTRY_ONLY_STAGES else None
     started = time.perf_counter()
+    from ray_app import progress
     from ray_app.registry_store import RegistryError
 
+    runner = _stage_runner(args.stage)
+    if not args.verbose:
+        progress.quiet_ray_console()  # Ray libraries the stage imported set up their own console loggers
+    progress.say(progress.stage_line(args.stage, args.workload))
     try:
-        result = _stage_runner(args.stage)(config)
+        result = runner(config)
     except RegistryError as exc:  # a refused promotion, a damaged registry file, a full disk: the message says it all
         raise SystemExit(f"error: {exc}") from None
     result = {
@@ -165,6 +173,7 @@ def run_cli(argv: list[str] | None = None) -> dict[str, Any]:
         "dashboard": dashboard,
         "wall_seconds": round(time.perf_counter() - started, 2),
     }
+    progress.say(progress.stage_line(args.stage, args.workload, result, result["wall_seconds"]))
     print(json.dumps(result, indent=2, default=str))
     if args.stage == "serve" and config.serve.blocking:
         _serve_forever()

@@ -22,20 +22,42 @@ log = logging.getLogger(__name__)
 SERVE_FAST_PATH_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
-def connect(address: str | None = None) -> str | None:
-    """Start or join Ray; returns the dashboard URL when there is one."""
+def connect(address: str | None = None, verbose: bool = False) -> str | None:
+    """Start or join Ray; returns the dashboard URL when there is one. Unless ``verbose``, Ray's
+    own INFO/WARNING lines and the workers' output go to Ray's log files only (``ray_app.progress``)."""
+    from ray_app import progress
+
     if not ray.is_initialized():
+        driver_log = None if verbose else progress.start_driver_log()
+        if not verbose:
+            progress.quiet_ray_console(driver_log)
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address)
         else:
             # A local instance: dashboard on loopback only; Ray's token auth stays at its default (on).
             ray.init(dashboard_host="127.0.0.1", include_dashboard=True)
+        if driver_log is not None:
+            driver_log.attach(_logs_dir())
+    if not verbose:
+        progress.quiet_ray_console()
+        progress.show_only_progress_from_workers()
     quiet_data_progress()
     from ray._private.worker import get_dashboard_url  # the public API only returns it from init()
 
     url = get_dashboard_url()
     return f"http://{url}" if url and not url.startswith("http") else url or None
+
+
+def _logs_dir() -> str | None:
+    """This node's Ray log folder, when the driver runs on a node of the cluster (it does locally
+    and under ``ray job submit``); no public API names it."""
+    try:
+        node = ray._private.worker.global_worker.node
+        path = node.get_logs_dir_path() if node is not None else None
+    except AttributeError:
+        return None
+    return path if path and os.path.isdir(path) else None
 
 
 def quiet_data_progress() -> None:

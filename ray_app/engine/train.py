@@ -26,6 +26,7 @@ from ray_app import plots, storage
 from ray_app.bundle import BUNDLE_FILE, WEIGHTS_FILE, save_bundle
 from ray_app.config import AppConfig, TrainConfig, save_config
 from ray_app.prepared import load_manifest, read_split
+from ray_app.progress import epoch_line
 from ray_app.workloads import get_workload
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=checkpoint)
+        if rank == 0:  # the driver shows this line (ray_app.progress), also when it hides other worker output
+            print(epoch_line(epoch, cfg["epochs"], metrics, metrics["epoch_seconds"]), flush=True)
 
 
 def _checkpoint_uri(runs_uri: str, checkpoint: ray.train.Checkpoint) -> str:
