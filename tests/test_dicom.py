@@ -15,8 +15,8 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import MPEG2MPML, ExplicitVRBigEndian, ImplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
-from ray_app.demo_medical_data import DicomSpec, write_dicom
 from ray_app.demos.data import load_mnist_5k
+from ray_app.demos.medical_data import DicomSpec, write_dicom
 from ray_app.workloads import dicom
 from ray_app.workloads.base import BadInput
 from ray_app.workloads.image import ImageOptions, decode_file, decode_image
