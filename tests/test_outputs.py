@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+from fault_fs import faulty_filesystem
 
 from ray_app import storage
 from ray_app.prepared import count_rows, load_manifest, ok_uri, rejected_uri
@@ -197,7 +198,7 @@ CONCURRENT_WRITER = textwrap.dedent(
 
 def test_concurrent_writers_never_leave_a_mixed_or_broken_output(tmp_path):
     out = str(tmp_path / "predictions")
-    writers = [subprocess.Popen([sys.executable, "-c", CONCURRENT_WRITER, out, f"w{i}"]) for i in range(4)]
+    writers = [subprocess.Popen([sys.executable, "-c", CONCURRENT_WRITER, out, f"w{i}"]) for i in range(3)]
     seen = set()
     while any(w.poll() is None for w in writers):
         if os.path.lexists(out):
@@ -205,89 +206,19 @@ def test_concurrent_writers_never_leave_a_mixed_or_broken_output(tmp_path):
                 seen.add(read_tag(out))  # asserts one version's rows only
             except (OSError, pa.ArrowInvalid):
                 pass  # a version two flips old was removed between resolving and reading: read again
+        time.sleep(0.01)  # leave the writers the CPU
     assert all(w.returncode == 0 for w in writers)
     tag, rows = read_tag(out)
-    assert tag in {"w0", "w1", "w2", "w3"} and rows == 30
+    assert tag in {"w0", "w1", "w2"} and rows == 30
     assert all(r == 30 for _, r in seen)
 
 
 # ---- a full disk ---------------------------------------------------------------------------------
-class _FullDiskStream:
-    def __init__(self, stream, budget: list[int]) -> None:
-        self.stream, self.budget, self.closed = stream, budget, False
-
-    def write(self, data) -> int:
-        self.budget[0] -= len(data)
-        if self.budget[0] < 0:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return self.stream.write(data)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-    def close(self) -> None:
-        self.closed = True
-        self.stream.close()
-
-
-class FullDiskHandler(pafs.FileSystemHandler):
-    """The local filesystem, except that writes fail with ENOSPC once ``budget`` bytes are used:
-    a full disk without mount privileges."""
-
-    def __init__(self, budget: int) -> None:
-        self.local, self.budget = pafs.LocalFileSystem(), [budget]
-
-    def open_output_stream(self, path, metadata):
-        return pa.PythonFile(_FullDiskStream(self.local.open_output_stream(path), self.budget), mode="w")
-
-    def get_type_name(self):
-        return "full-disk"
-
-    def normalize_path(self, path):
-        return path
-
-    def get_file_info(self, paths):
-        return self.local.get_file_info(paths)
-
-    def get_file_info_selector(self, selector):
-        return self.local.get_file_info(selector)
-
-    def create_dir(self, path, recursive):
-        self.local.create_dir(path, recursive=recursive)
-
-    def delete_dir(self, path):
-        self.local.delete_dir(path)
-
-    def delete_dir_contents(self, path, missing_dir_ok=False):
-        self.local.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
-
-    def delete_root_dir_contents(self):
-        raise OSError("refused")
-
-    def delete_file(self, path):
-        self.local.delete_file(path)
-
-    def move(self, src, dest):
-        self.local.move(src, dest)
-
-    def copy_file(self, src, dest):
-        self.local.copy_file(src, dest)
-
-    def open_input_stream(self, path):
-        return self.local.open_input_stream(path)
-
-    def open_input_file(self, path):
-        return self.local.open_input_file(path)
-
-    def open_append_stream(self, path, metadata):
-        raise OSError("not supported")
-
-
 def test_a_full_disk_midway_keeps_the_previous_output_and_says_so(tmp_path):
     out = str(tmp_path / "prepared")
     with storage.publishing(out) as staging:
         write_version(staging, "good", rows=3)
-    full = pafs.PyFileSystem(FullDiskHandler(budget=64 * 1024))  # room for the small files, not the big one
+    full = faulty_filesystem("enospc", budget=4096, match="part-1")  # the big file hits a full disk midway
     with pytest.raises(OSError) as failed, storage.publishing(out, filesystem=full) as staging:
         write_version(staging, "too big")
         scans = pa.table({"image": [os.urandom(1024) for _ in range(1000)]})
