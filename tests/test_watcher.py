@@ -142,6 +142,25 @@ def test_a_truncated_or_missing_file_record_is_rebuilt_from_its_job_and_nothing_
     assert len(rebuilt) == 3
 
 
+def test_a_marked_folder_becomes_one_job_recorded_before_it_is_submitted(tmp_path):
+    """With --marker _SUCCESS only finished upload folders are taken, each as one job; the job and
+    its files are on record before the submission (here to an unreachable cluster, which fails)."""
+    watch = _watch(tmp_path, min_age_s=0, marker="_SUCCESS", dashboard_address="http://127.0.0.1:1")
+    for day, names in (("day1", ["a.png", "b.png"]), ("day2", ["c.png", "d.png", "e.png"])):
+        (tmp_path / "up" / day).mkdir(parents=True)
+        for name in names:
+            (tmp_path / "up" / day / name).write_bytes(b"x")
+    assert watch.poll()["submitted"] == []  # no folder is finished yet: nothing is even recorded
+    assert watch.records() == {}
+    (tmp_path / "up" / "day2" / "_SUCCESS").write_bytes(b"")
+    with pytest.raises(ConnectionError, match="Failed to connect to Ray"):
+        watch.poll()
+    (job,) = watch.jobs().values()
+    assert job["status"] == "SUBMITTING" and [os.path.basename(f["file"]) for f in job["files"]] == ["c.png", "d.png", "e.png"]
+    assert open(job["input_list"]).read().split() == [f["file"] for f in job["files"]]
+    assert {r["job"] for r in watch.records().values()} == {job["submission_id"]} and len(watch.records()) == 3
+
+
 # ---- on a cluster -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
