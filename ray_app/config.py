@@ -45,6 +45,10 @@ class TrainConfig(_Section):
         None, gt=0, description="CPUs reserved per worker; default 1, or less on a machine so small that nothing would be left to feed data"
     )
     max_failures: int = Field(2, ge=-1, description="worker failures survived by restarting from checkpoint")
+    checkpoint_every_steps: int = Field(
+        0, ge=0, description="also checkpoint every N training steps (0: only at epoch ends); a preempted worker then loses minutes"
+    )
+    fresh: bool = Field(False, description="start this run name from scratch; the old run is kept until the new one completes")
     seed: int = 0
 
 

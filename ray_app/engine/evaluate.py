@@ -11,9 +11,9 @@ import ray
 from ray_app import storage
 from ray_app.bundle import BUNDLE_FILE
 from ray_app.config import AppConfig, save_config
-from ray_app.engine.scoring import PreparedRowScorer
+from ray_app.engine.scoring import PreparedRowScorer, refuse_other_data_shape, stage_options
 from ray_app.engine.train import latest_checkpoint_uri
-from ray_app.prepared import read_split
+from ray_app.prepared import load_manifest, read_split
 from ray_app.registry import resolve_model_uri
 from ray_app.workloads import get_workload
 
@@ -32,6 +32,9 @@ def run_evaluate(config: AppConfig) -> dict[str, Any]:
     workload = get_workload(config.workload)
     model_uri = evaluation_model_uri(config)
     bundle_info = storage.read_json(storage.join(model_uri, BUNDLE_FILE))
+    # The model's recorded options; a contradicting flag is refused before anything is scored.
+    options = stage_options(config.workload, "evaluate", config.options, model_uri)
+    refuse_other_data_shape(config.workload, load_manifest(config.train_data_uri())["options"], model_uri)
     scored = read_split(config.train_data_uri(), "test", workload.training_columns).map_batches(
         PreparedRowScorer,
         fn_constructor_kwargs={"bundle_uri": model_uri},
@@ -49,7 +52,6 @@ def run_evaluate(config: AppConfig) -> dict[str, Any]:
     report["model"] = model_uri
     # Ties the report to the exact weights it scored: register refuses it for any other checkpoint.
     report["weights_sha256"] = bundle_info["weights_sha256"]
-    options = workload.parse_options(bundle_info["options"])
     report.update(workload.evaluation_extras(config.train_data_uri(), options, bundle_info["manifest"]))
     output = config.evaluation_uri()
     storage.write_json(storage.join(output, REPORT_FILE), report)

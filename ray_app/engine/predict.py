@@ -16,7 +16,7 @@ from ray.data import SaveMode
 from ray_app import storage
 from ray_app.config import AppConfig, save_config
 from ray_app.engine.guards import predict_inputs, refuse_overlapping_output
-from ray_app.engine.scoring import BatchPredictor
+from ray_app.engine.scoring import BatchPredictor, stage_options
 from ray_app.prepared import SUMMARY_FILE, count_rows, ok_uri, rejected_uri
 from ray_app.registry import resolve_model_uri
 from ray_app.workloads import get_workload
@@ -25,12 +25,18 @@ log = logging.getLogger(__name__)
 
 
 def scored_dataset(
-    items: ray.data.Dataset, model_uri: str, use_gpu: bool, top_k: int, batch_size: int, concurrency: int
+    items: ray.data.Dataset,
+    model_uri: str,
+    use_gpu: bool,
+    top_k: int,
+    batch_size: int,
+    concurrency: int,
+    options: dict[str, Any] | None = None,
 ) -> ray.data.Dataset:
     """Work items -> predictions (+ rejects), lazily, through a pool of model-holding actors."""
     return items.map_batches(
         BatchPredictor,
-        fn_constructor_kwargs={"bundle_uri": model_uri, "use_gpu": use_gpu, "top_k": top_k},
+        fn_constructor_kwargs={"bundle_uri": model_uri, "use_gpu": use_gpu, "top_k": top_k, "options": options},
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=concurrency),
@@ -44,8 +50,10 @@ def run_predict(config: AppConfig) -> dict[str, Any]:
     # Before anything is read or written: publishing the output replaces what it names.
     refuse_overlapping_output("predict", config)
     workload = get_workload(config.workload)
-    options = workload.parse_options(config.options)
     model_uri = resolve_model_uri(config.models_uri(), config.workload, p.model)
+    # The model's own data options (size, channels, max length, transform); only per-run ones
+    # such as --id-column may be given here, and a contradicting flag is refused.
+    options = stage_options(config.workload, "predict", config.options, model_uri)
     output = config.predictions_uri()
     storage.refuse_overlap("predict", output, [model_uri])
     started = time.perf_counter()
@@ -57,7 +65,7 @@ def run_predict(config: AppConfig) -> dict[str, Any]:
         raise ValueError(f"nothing to predict under {p.input or p.input_list}")
     # The old predictions are replaced only once the new ones are complete (a failed run keeps them).
     with storage.publishing(output) as staging:
-        scored_dataset(items, model_uri, p.use_gpu, config.serve.top_k, p.batch_size, p.concurrency).write_parquet(
+        scored_dataset(items, model_uri, p.use_gpu, config.serve.top_k, p.batch_size, p.concurrency, options.model_dump()).write_parquet(
             staging.uri, partition_cols=["status"], mode=SaveMode.OVERWRITE
         )
         rows_ok, rows_rejected = count_rows(ok_uri(staging.uri)), count_rows(rejected_uri(staging.uri))

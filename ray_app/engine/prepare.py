@@ -44,7 +44,8 @@ def run_prepare(config: AppConfig) -> dict[str, Any]:
     if not config.prepare.input:
         raise ValueError("prepare needs --input: the raw data URI")
     workload = get_workload(config.workload)
-    options = workload.parse_options(config.options)
+    # Data-shaping options are decided here and recorded in the manifest; a model option is refused.
+    options = workload.resolve_options("prepare", config.options, None)
     output = config.prepared_uri()
     refuse_overlapping_output("prepare", config)
     started = time.perf_counter()

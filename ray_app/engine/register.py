@@ -3,7 +3,6 @@ metrics, config and data fingerprint, and move an alias (e.g. ``production``) to
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import Any
 
@@ -11,19 +10,10 @@ from ray_app import storage
 from ray_app.config import AppConfig
 from ray_app.engine.evaluate import REPORT_FILE
 from ray_app.engine.train import latest_checkpoint_uri
-from ray_app.prepared import MANIFEST_FILE, ok_uri
+from ray_app.prepared import data_fingerprint
 from ray_app.registry import ModelRegistry, RegistryError
 
 log = logging.getLogger(__name__)
-
-
-def data_fingerprint(prepared_uri: str) -> str:
-    """SHA-256 over the prepared files' names and sizes plus the manifest: changes whenever the
-    training data does, without reading the data."""
-    digest = hashlib.sha256(storage.read_bytes(storage.join(prepared_uri, MANIFEST_FILE)))
-    for info in storage.list_files(ok_uri(prepared_uri)):
-        digest.update(f"{info.base_name}:{info.size}\n".encode())
-    return digest.hexdigest()
 
 
 def run_register(config: AppConfig) -> dict[str, Any]:

@@ -8,13 +8,40 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
+from pydantic import BaseModel
 
-from ray_app.bundle import load_bundle
-from ray_app.workloads.base import STATUS_OK, STATUS_REJECTED
+from ray_app import storage
+from ray_app.bundle import BUNDLE_FILE, load_bundle
+from ray_app.workloads import get_workload
+from ray_app.workloads.base import STATUS_OK, STATUS_REJECTED, OptionConflict
 
 
 def pick_device(use_gpu: bool) -> str:
     return "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+
+
+def stage_options(workload_name: str, stage: str, given: dict[str, Any], model_uri: str) -> BaseModel:
+    """The options evaluate, predict or serve run a model with: those recorded in its bundle,
+    plus the per-run options the stage honours. A given option that contradicts the bundle is
+    refused (``OptionConflict``) before any work starts."""
+    recorded = storage.read_json(storage.join(model_uri, BUNDLE_FILE))["options"]
+    return get_workload(workload_name).resolve_options(stage, given, recorded)
+
+
+def refuse_other_data_shape(workload_name: str, prepared_options: dict[str, Any], model_uri: str) -> None:
+    """Scoring prepared rows (evaluate) needs them shaped as the model's training data was."""
+    workload = get_workload(workload_name)
+    prepared = workload.parse_options(prepared_options)
+    model = workload.parse_options(storage.read_json(storage.join(model_uri, BUNDLE_FILE))["options"])
+    differences = [
+        f"--{name.replace('_', '-')} {getattr(prepared, name)!r} (data) vs {getattr(model, name)!r} (model)"
+        for name in workload.data_options()
+        if getattr(prepared, name) != getattr(model, name)
+    ]
+    if differences:
+        raise OptionConflict(
+            f"{workload_name} evaluate: the prepared data and {model_uri} were prepared differently: {'; '.join(differences)}"
+        )
 
 
 class PreparedRowScorer:
@@ -32,15 +59,17 @@ class PreparedRowScorer:
 class BatchPredictor:
     """Decodes raw items and predicts (batch inference). Bad items become rejects with a reason."""
 
-    def __init__(self, bundle_uri: str, use_gpu: bool = False, top_k: int = 3) -> None:
+    def __init__(self, bundle_uri: str, use_gpu: bool = False, top_k: int = 3, options: dict[str, Any] | None = None) -> None:
         self.bundle = load_bundle(bundle_uri, pick_device(use_gpu))
         self.top_k = min(top_k, len(self.bundle.classes))
+        # The bundle's options with predict's own per-run ones (e.g. --id-column) applied.
+        self.options = self.bundle.workload.parse_options(options) if options is not None else self.bundle.options
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         b = self.bundle
-        items, ids, reasons = b.workload.load_predict_batch(batch, b.options, b.manifest)
+        items, ids, reasons = b.workload.load_predict_batch(batch, self.options, b.manifest)
         good = [i for i, reason in enumerate(reasons) if reason is None]
-        probabilities = b.predict_proba(b.workload.stack_items([items[i] for i in good], b.options, b.manifest)) if good else None
+        probabilities = b.predict_proba(b.workload.stack_items([items[i] for i in good], self.options, b.manifest)) if good else None
         rows: dict[str, list[Any]] = {
             "label": [None] * len(ids),
             "probability": [None] * len(ids),

@@ -1,5 +1,9 @@
 """train: the one Ray Train loop for every workload — DDP over N workers, AMP on GPU, a checkpoint
-every epoch, resume by run name, survive worker deaths (FailureConfig).
+every epoch (and every N steps if asked), resume by run name, survive worker deaths (FailureConfig).
+
+Resume is checked before any worker starts: a checkpoint records the data fingerprint, the classes
+and the options; a re-run that differs in any of them is refused (``--fresh`` or a new run name
+starts over), and a run whose epochs are all done returns at once.
 """
 
 from __future__ import annotations
@@ -9,15 +13,19 @@ import json
 import logging
 import math
 import os
+import random
 import tempfile
 import time
+from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import ray
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from safetensors.torch import load_model
@@ -25,14 +33,22 @@ from safetensors.torch import load_model
 from ray_app import plots, storage
 from ray_app.bundle import BUNDLE_FILE, WEIGHTS_FILE, save_bundle
 from ray_app.config import AppConfig, TrainConfig, save_config
-from ray_app.prepared import load_manifest, read_split
+from ray_app.prepared import data_fingerprint, load_manifest, read_split
 from ray_app.progress import epoch_line
 from ray_app.workloads import get_workload
+from ray_app.workloads.base import DATA, MODEL, Workload
 
 log = logging.getLogger(__name__)
 
 TRAIN_STATE_FILE = "train_state.pt"
 SUMMARY_FILE = "train_summary.json"
+# Rows in the per-worker shuffle buffer, in batches: with rows already in a random order from
+# prepare and block order randomised per epoch, this only has to mix neighbouring rows.
+SHUFFLE_BUFFER_BATCHES = 8
+
+
+class ResumeRefused(ValueError):
+    """Re-running a run name whose checkpoint does not match the data, classes or options."""
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int):
@@ -55,16 +71,77 @@ def _to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
+class WorkloadCollate(NumpyBatchCollateFn):
+    """Prepared numpy rows -> (model inputs, targets) through the workload's ``collate``; a
+    ``ray.data.collate_fn`` class, the form Ray Data supports (a plain function is deprecated)."""
+
+    def __init__(self, workload: Workload, options: Any, manifest: dict[str, Any]) -> None:
+        self.workload, self.options, self.manifest = workload, options, manifest
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Any:
+        return self.workload.collate(batch, self.options, self.manifest)
+
+
+def training_dataset(data_uri: str, split: str, workload: Workload, seed: int) -> ray.data.Dataset:
+    """One split as training reads it. Prepare already stores rows in a random (hash) order; the
+    training split also gets its blocks in a new seeded order every epoch (each execution
+    reseeds), so no epoch starts with the same files. Together with the per-worker local buffer
+    this mixes classes from the first step without a full shuffle per epoch, which would move
+    every row across the cluster each epoch."""
+    dataset = read_split(data_uri, split, workload.training_columns)
+    if split == "train":
+        dataset = dataset.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    return dataset
+
+
+def training_batches(shard: Any, collate: WorkloadCollate, batch_size: int, seed: int, epoch: int, training: bool):
+    """Collated batches of one epoch from a Dataset or a worker's shard (the same call in the
+    training loop and in the test that measures class mixing)."""
+    return shard.iter_torch_batches(
+        batch_size=batch_size,
+        collate_fn=collate,
+        local_shuffle_buffer_size=batch_size * SHUFFLE_BUFFER_BATCHES if training else None,
+        local_shuffle_seed=seed + epoch if training else None,
+        prefetch_batches=2,
+    )
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch generator states, in types ``torch.load(weights_only=True)`` reads."""
+    numpy_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, key, *rest = state["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     workload = get_workload(cfg["workload"])
     options = workload.parse_options(cfg["options"])
     manifest = cfg["manifest"]
+    random.seed(cfg["seed"])
+    np.random.seed(cfg["seed"])
     torch.manual_seed(cfg["seed"])
 
     model = workload.build_model(options, manifest)
-    state: dict[str, Any] = {"epoch": 0, "history": [], "resumed_at": []}
+    # epoch: epochs completed; rows_in_epoch: rows (all workers) of epoch + 1 already trained,
+    # non-zero only in a checkpoint taken every N steps.
+    state: dict[str, Any] = {"epoch": 0, "rows_in_epoch": 0, "step": 0, "history": [], "resumed_at": []}
     checkpoint = ray.train.get_checkpoint()
     train_state = None
     if checkpoint:
@@ -72,12 +149,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             load_model(model, os.path.join(folder, WEIGHTS_FILE))
             train_state = torch.load(os.path.join(folder, TRAIN_STATE_FILE), weights_only=True, map_location="cpu")
             with open(os.path.join(folder, BUNDLE_FILE)) as f:
-                state = json.load(f)["training"]
+                state = {"rows_in_epoch": 0, "step": 0, **json.load(f)["training"]}
         state["resumed_at"].append(state["epoch"] + 1)
+        state.setdefault("resumed_from", []).append({"epoch": state["epoch"], "rows_in_epoch": state["rows_in_epoch"]})
 
     model = ray.train.torch.prepare_model(model)  # device placement + DDP when world_size > 1
     device = ray.train.torch.get_device()
-    steps_per_epoch = max(1, math.ceil(cfg["train_rows"] / (cfg["batch_size"] * world_size)))
+    global_batch = cfg["batch_size"] * world_size
+    steps_per_epoch = max(1, math.ceil(cfg["train_rows"] / global_batch))
     total_steps = steps_per_epoch * cfg["epochs"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, max(1, int(cfg["warmup_fraction"] * total_steps))))
@@ -88,20 +167,54 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         optimizer.load_state_dict(train_state["optimizer"])
         scheduler.load_state_dict(train_state["scheduler"])
         scaler.load_state_dict(train_state["scaler"])
+        if "rng" in train_state:
+            restore_rng_state(train_state["rng"])
+    collate = WorkloadCollate(workload, options, manifest)
+    every = cfg.get("checkpoint_every_steps") or 0
+
+    def save_checkpoint(metrics: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if rank == 0:  # one writer; every rank still calls report
+                core = model.module if hasattr(model, "module") else model
+                save_bundle(
+                    core,
+                    folder,
+                    {
+                        "workload": cfg["workload"],
+                        "options": cfg["options"],
+                        "manifest": manifest,
+                        "metrics": metrics,
+                        "training": state,
+                        "run_name": cfg["run_name"],
+                        "data_fingerprint": cfg["data_fingerprint"],
+                    },
+                )
+                torch.save(
+                    {
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        # Ranks share one seed, so rank 0's generators stand for all of them.
+                        "rng": rng_state(),
+                    },
+                    os.path.join(folder, TRAIN_STATE_FILE),
+                )
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=checkpoint)
 
     def run_epoch(split: str, epoch: int) -> dict[str, float]:
         training = split == "train"
         model.train(training)
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss·n, correct, n
-        batches = ray.train.get_dataset_shard(split).iter_torch_batches(
-            batch_size=cfg["batch_size"],
-            collate_fn=lambda batch: workload.collate(batch, options, manifest),
-            local_shuffle_buffer_size=cfg["batch_size"] * 8 if training else None,
-            local_shuffle_seed=cfg["seed"] + epoch if training else None,
-            prefetch_batches=2,
-        )
+        batches = training_batches(ray.train.get_dataset_shard(split), collate, cfg["batch_size"], cfg["seed"], epoch, training)
+        # Mid-epoch resume: skip as many batches as the interrupted epoch had trained (counted in
+        # rows, so a changed batch size or worker count skips the same share of the epoch).
+        skip = state["rows_in_epoch"] // global_batch if training else 0
         with torch.set_grad_enabled(training):
-            for inputs, targets in batches:
+            for index, (inputs, targets) in enumerate(batches):
+                if index < skip:
+                    continue
                 inputs, targets = _to_device(inputs, device), targets.to(device, non_blocking=True)
                 # autocast only where AMP runs: torch rejects device types it does not know (a TPU's).
                 with torch.autocast(device.type, dtype=amp_dtype) if use_amp else contextlib.nullcontext():
@@ -121,6 +234,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                         torch.tensor(float(n), dtype=torch.float64, device=device),
                     ]
                 )
+                if training:
+                    state["step"] += 1
+                    state["rows_in_epoch"] = (index + 1) * global_batch
+                    if every and state["step"] % every == 0 and index + 1 < steps_per_epoch:
+                        save_checkpoint({"epoch": epoch - 1, "step": state["step"], "partial_epoch": epoch})
+        if training:
+            state["rows_in_epoch"] = 0
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(totals)  # every rank sees global loss/accuracy, so reports agree
         loss_sum, correct, count = totals.tolist()
@@ -138,28 +258,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         )
         state["epoch"] = epoch
         state["history"].append(metrics)
-        with tempfile.TemporaryDirectory() as folder:
-            checkpoint = None
-            if rank == 0:  # one writer; every rank still calls report
-                core = model.module if hasattr(model, "module") else model
-                save_bundle(
-                    core,
-                    folder,
-                    {
-                        "workload": cfg["workload"],
-                        "options": cfg["options"],
-                        "manifest": manifest,
-                        "metrics": metrics,
-                        "training": state,
-                        "run_name": cfg["run_name"],
-                    },
-                )
-                torch.save(
-                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()},
-                    os.path.join(folder, TRAIN_STATE_FILE),
-                )
-                checkpoint = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(metrics, checkpoint=checkpoint)
+        save_checkpoint(metrics)
         if rank == 0:  # the driver shows this line (ray_app.progress), also when it hides other worker output
             print(epoch_line(epoch, cfg["epochs"], metrics, metrics["epoch_seconds"]), flush=True)
 
@@ -207,23 +306,119 @@ def scaling_config_kwargs(train: TrainConfig, cluster_cpus: float) -> dict[str, 
     }
 
 
+def latest_run_checkpoint(run_uri: str) -> tuple[str, dict[str, Any]] | None:
+    """The run's most advanced checkpoint folder and its bundle description, or None. Read by
+    the driver before any worker starts, so a mismatch or a finished run costs no Ray Train time."""
+    if not storage.exists(run_uri):
+        return None
+    fs, root = storage.resolve(run_uri)
+    root = root.rstrip("/")
+    best: tuple[tuple[int, int], str, dict[str, Any]] | None = None
+    for info in storage.list_files(run_uri):
+        folder = info.path.rsplit("/", 1)[0]
+        if info.base_name != BUNDLE_FILE or folder.rsplit("/", 1)[0] != root or not folder.rsplit("/", 1)[1].startswith("checkpoint_"):
+            continue
+        uri = f"{run_uri.split('://', 1)[0]}://{folder}" if storage.is_remote(run_uri) else folder
+        bundle_info = storage.read_json(storage.join(uri, BUNDLE_FILE))
+        training = bundle_info.get("training", {})
+        progress = (training.get("epoch", 0), training.get("rows_in_epoch", 0))
+        if best is None or progress > best[0]:
+            best = (progress, uri, bundle_info)
+    return None if best is None else (best[1], best[2])
+
+
+def resume_differences(
+    workload: Workload, checkpoint_info: dict[str, Any], fingerprint: str, manifest: dict[str, Any], options: Any
+) -> list[str]:
+    """What differs between a run's checkpoint and this train call: data, classes, options."""
+    differences = []
+    recorded_fingerprint = checkpoint_info.get("data_fingerprint")
+    if recorded_fingerprint is not None and recorded_fingerprint != fingerprint:
+        differences.append(f"prepared data changed (fingerprint {recorded_fingerprint[:12]} -> {fingerprint[:12]})")
+    recorded_classes = checkpoint_info["manifest"]["classes"]
+    if recorded_classes != manifest["classes"]:
+        differences.append(f"classes {recorded_classes} -> {manifest['classes']}")
+    recorded = workload.parse_options(checkpoint_info["options"])
+    for name in workload.Options.model_fields:
+        if workload.deciding_stages(name) in (DATA, MODEL) and getattr(recorded, name) != getattr(options, name):
+            differences.append(f"--{name.replace('_', '-')} {getattr(recorded, name)!r} -> {getattr(options, name)!r}")
+    return differences
+
+
+def _set_aside(run_uri: str) -> str:
+    """Move a run's folder aside (not deleted) so the same name can start from scratch."""
+    aside = f"{run_uri}.replaced-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%f')}"
+    fs, path = storage.resolve(run_uri)
+    try:
+        fs.move(path, storage.resolve(aside)[1])  # a rename on local disks
+    except (OSError, NotImplementedError):  # object stores: copy first, then remove the original
+        storage.copy_dir(run_uri, aside)
+        storage.delete_dir(run_uri)
+    return aside
+
+
+def _finish(config: AppConfig, checkpoint_uri: str, started: float, **extra: Any) -> dict[str, Any]:
+    bundle_info = storage.read_json(storage.join(checkpoint_uri, BUNDLE_FILE))
+    history = bundle_info["training"]["history"]
+    summary = {
+        "run_name": config.train.run_name,
+        "checkpoint": checkpoint_uri,
+        "metrics": bundle_info["metrics"],
+        "epochs_completed": bundle_info["training"]["epoch"],
+        "resumed_at": bundle_info["training"]["resumed_at"],
+        "resumed_from": bundle_info["training"].get("resumed_from", []),
+        "seconds": round(time.perf_counter() - started, 2),
+        **extra,
+    }
+    run_uri = config.run_uri()
+    storage.write_json(storage.join(run_uri, SUMMARY_FILE), summary)
+    storage.write_json(storage.join(run_uri, "history.json"), history)
+    storage.write_bytes(storage.join(run_uri, "curves.png"), plots.training_curves(history))
+    return summary
+
+
 def run_train(config: AppConfig) -> dict[str, Any]:
+    started = time.perf_counter()
     workload = get_workload(config.workload)
-    options = workload.parse_options(config.options)
     data_uri = config.train_data_uri()
     manifest = load_manifest(data_uri)
+    # Data-shaping options come from the prepared manifest; a contradicting flag is refused.
+    options = workload.resolve_options("train", config.options, manifest.get("options"))
     t = config.train
     if manifest["splits"]["train"] == 0:
         raise ValueError(f"no training rows in {data_uri}")
+    fingerprint = data_fingerprint(data_uri)
+    run_uri = config.run_uri()
+    aside = None
+    existing = latest_run_checkpoint(run_uri)
+    if existing and t.fresh:
+        aside = _set_aside(run_uri)
+        log.info("train: --fresh: run %r moved aside to %s until the new run completes", t.run_name, aside)
+        existing = None
+    if existing:
+        checkpoint_uri, checkpoint_info = existing
+        differences = resume_differences(workload, checkpoint_info, fingerprint, manifest, options)
+        if differences:
+            raise ResumeRefused(
+                f"run {t.run_name!r} has a checkpoint ({checkpoint_uri}) that this train call cannot resume: "
+                + "; ".join(differences)
+                + ". Start over with --fresh (the old run is kept until the new one completes) or use a new --run-name."
+            )
+        training = checkpoint_info["training"]
+        if training["epoch"] >= t.epochs and not training.get("rows_in_epoch"):
+            log.info("train: run %r already completed %d epochs (asked %d); nothing to train", t.run_name, training["epoch"], t.epochs)
+            return _finish(config, checkpoint_uri, started, already_complete=True, trained=False)
+        log.info("train: resuming run %r after epoch %d (%s)", t.run_name, training["epoch"], checkpoint_uri)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "workload": config.workload,
             "options": options.model_dump(),
             "manifest": manifest,
+            "data_fingerprint": fingerprint,
             "train_rows": manifest["splits"]["train"],
             "run_name": t.run_name,
-            **t.model_dump(include={"epochs", "batch_size", "lr", "weight_decay", "warmup_fraction", "seed"}),
+            **t.model_dump(include={"epochs", "batch_size", "lr", "weight_decay", "warmup_fraction", "seed", "checkpoint_every_steps"}),
         },
         scaling_config=ScalingConfig(**scaling_config_kwargs(t, ray.cluster_resources().get("CPU", 0))),
         run_config=RunConfig(
@@ -232,31 +427,15 @@ def run_train(config: AppConfig) -> dict[str, Any]:
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        datasets={
-            "train": read_split(data_uri, "train", workload.training_columns),
-            "val": read_split(data_uri, "val", workload.training_columns),
-        },
+        datasets={split: training_dataset(data_uri, split, workload, t.seed) for split in ("train", "val")},
     )
-    started = time.perf_counter()
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training produced no checkpoint: {result.error}")
-    checkpoint_uri = _checkpoint_uri(config.runs_uri(), result.checkpoint)
-    bundle_info = storage.read_json(storage.join(checkpoint_uri, BUNDLE_FILE))
-    history = bundle_info["training"]["history"]
-    summary = {
-        "run_name": t.run_name,
-        "checkpoint": checkpoint_uri,
-        "metrics": bundle_info["metrics"],
-        "epochs_completed": bundle_info["training"]["epoch"],
-        "resumed_at": bundle_info["training"]["resumed_at"],
-        "seconds": round(time.perf_counter() - started, 2),
-    }
-    run_uri = config.run_uri()
-    storage.write_json(storage.join(run_uri, SUMMARY_FILE), summary)
-    storage.write_json(storage.join(run_uri, "history.json"), history)
-    storage.write_bytes(storage.join(run_uri, "curves.png"), plots.training_curves(history))
+    summary = _finish(config, _checkpoint_uri(config.runs_uri(), result.checkpoint), started, trained=True)
     save_config(config, run_uri, "train")
+    if aside:  # the new run is complete: the one it replaces can go
+        storage.delete_dir(aside)
     log.info("train: %s", summary)
     return summary
 

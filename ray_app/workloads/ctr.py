@@ -18,7 +18,20 @@ import pyarrow as pa
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic.types import StrictFloat, StrictInt, StrictStr
 
-from ray_app.workloads.base import STATUS_OK, STATUS_REJECTED, BadInput, PrepareInputs, Workload, assign_split, read_table
+from ray_app.workloads.base import (
+    DATA,
+    MODEL,
+    ROW_ID_COLUMN,
+    STATUS_OK,
+    STATUS_REJECTED,
+    BadInput,
+    PrepareInputs,
+    Workload,
+    assign_split,
+    read_table,
+    read_table_rows,
+    require_id_column,
+)
 
 if TYPE_CHECKING:
     import ray.data
@@ -248,6 +261,19 @@ def deepfm(num_fields: int, num_numeric: int, buckets: int, dim: int, hidden: li
 class CTRWorkload(Workload):
     name: ClassVar[str] = "ctr"
     Options: ClassVar[type[BaseModel]] = CTROptions
+    # Feature columns and buckets are baked into the fitted transform at prepare.
+    option_stages: ClassVar[dict[str, frozenset[str]]] = {
+        "label_column": DATA,
+        "time_column": DATA,
+        "item_column": DATA,
+        "id_column": frozenset({"prepare", "predict"}),
+        "numeric_columns": DATA,
+        "categorical_columns": DATA,
+        "buckets": DATA,
+        "embedding_dim": MODEL,
+        "hidden": MODEL,
+        "passthrough_columns": DATA,
+    }
     training_columns: ClassVar[list[str]] = ["categorical", "numeric", "label"]
     id_column: ClassVar[str] = "id"
     preparer_class: ClassVar[type] = CTRPreparer
@@ -299,7 +325,9 @@ class CTRWorkload(Workload):
             "split_fractions": [val_fraction, test_fraction],
         }
         rows_in = ds.count() if rows_in is None else rows_in
-        return PrepareInputs(ds, rows_in=rows_in, manifest=manifest, batch_size=max(rows_per_block, 4096))
+        # Logs arrive in time order (or sorted by label): one seeded distributed shuffle writes
+        # prepared rows mixed, so early batches are not one user's or one class's events.
+        return PrepareInputs(ds.random_shuffle(seed=0), rows_in=rows_in, manifest=manifest, batch_size=max(rows_per_block, 4096))
 
     # ---- train -----------------------------------------------------------------------------
     def build_model(self, options: CTROptions, manifest: dict[str, Any], pretrained: bool = True) -> torch.nn.Module:
@@ -335,7 +363,9 @@ class CTRWorkload(Workload):
 
     # ---- predict ---------------------------------------------------------------------------
     def read_predict_inputs(self, input_uri: str, options: CTROptions, batch_size: int) -> ray.data.Dataset:
-        return read_table(input_uri)
+        rows = read_table_rows(input_uri)
+        require_id_column(input_uri, rows, options.id_column)
+        return rows
 
     def load_predict_batch(self, batch, options: CTROptions, manifest):
         frame = pd.DataFrame({k: list(v) for k, v in batch.items()})
@@ -344,7 +374,7 @@ class CTRWorkload(Workload):
         ids = (
             frame[options.id_column].astype(str).tolist()
             if options.id_column and options.id_column in frame
-            else [str(i) for i in range(len(frame))]
+            else frame[ROW_ID_COLUMN].astype(str).tolist()  # "<file>#<row>": unique across batches and files
         )
         return items, ids, reasons
 

@@ -15,7 +15,18 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
 from ray_app import storage
-from ray_app.workloads.base import STATUS_OK, STATUS_REJECTED, BadInput, PrepareInputs, Workload, arrow_blocks, assign_split
+from ray_app.workloads.base import (
+    DATA,
+    MODEL,
+    STATUS_OK,
+    STATUS_REJECTED,
+    BadInput,
+    PrepareInputs,
+    Workload,
+    arrow_blocks,
+    assign_split,
+    stable_order,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -212,6 +223,16 @@ class ImagePreparer:
 class ImageWorkload(Workload):
     name: ClassVar[str] = "image"
     Options: ClassVar[type[BaseModel]] = ImageOptions
+    # What the model sees is fixed at prepare. Decode limits may change per run at prepare and batch
+    # predict; serve decodes with the model's recorded limits (its body limit is --max-body-bytes).
+    option_stages: ClassVar[dict[str, frozenset[str]]] = {
+        "image_size": DATA,
+        "channels": DATA,
+        "class_names": DATA,
+        "width": MODEL,
+        "max_file_bytes": frozenset({"prepare", "predict"}),
+        "max_pixels": frozenset({"prepare", "predict"}),
+    }
     training_columns: ClassVar[list[str]] = ["image", "label"]
     id_column: ClassVar[str] = "path"
 
@@ -223,6 +244,8 @@ class ImageWorkload(Workload):
             return self._list_npz(input_uri, options, rows_per_block)
         root = storage.resolve(input_uri)[1].rstrip("/")
         files = storage.list_files(input_uri)
+        # Class folders list class by class: write the rows in a stable hash order instead.
+        files = [files[i] for i in stable_order([f.path[len(root) + 1 :] for f in files])]
         relative = [f.path[len(root) + 1 :] for f in files]
         classes = sorted({rel.split("/", 1)[0] for rel in relative if "/" in rel})
         class_index = {name: i for i, name in enumerate(classes)}

@@ -13,7 +13,19 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
-from ray_app.workloads.base import STATUS_OK, STATUS_REJECTED, BadInput, PrepareInputs, Workload, assign_split, read_table
+from ray_app.workloads.base import (
+    DATA,
+    ROW_ID_COLUMN,
+    STATUS_OK,
+    STATUS_REJECTED,
+    BadInput,
+    PrepareInputs,
+    Workload,
+    assign_split,
+    read_table,
+    read_table_rows,
+    require_id_column,
+)
 from ray_app.workloads.text_encoder import (  # noqa: F401  (re-exported for callers of the text workload)
     PACKAGED_MINILM_SHA256,
     WEIGHTS_FILE,
@@ -139,6 +151,18 @@ class TextRequest(BaseModel):
 class TextWorkload(Workload):
     name: ClassVar[str] = "text"
     Options: ClassVar[type[BaseModel]] = TextOptions
+    # The tokenizer (model_dir) and max_length shape the prepared token ids; column names can
+    # differ between the training table and a table to predict.
+    option_stages: ClassVar[dict[str, frozenset[str]]] = {
+        "text_column": frozenset({"prepare", "predict"}),
+        "label_column": DATA,
+        "id_column": frozenset({"prepare", "predict"}),
+        "labels": DATA,
+        "model_dir": DATA,
+        "weights_sha256": DATA,
+        "max_length": DATA,
+        "baseline_train_rows": frozenset({"evaluate"}),
+    }
     training_columns: ClassVar[list[str]] = ["input_ids", "label"]
     id_column: ClassVar[str] = "id"
     preparer_class: ClassVar[type] = TextPreparer
@@ -180,7 +204,10 @@ class TextWorkload(Workload):
             "max_length": options.max_length,
             "model_dir": options.model_dir,
         }
-        return PrepareInputs(ds, rows_in=ds.count(), manifest=manifest, batch_size=rows_per_block)
+        rows_in = ds.count()
+        # Tables often arrive sorted by label: one seeded distributed shuffle here (Ray Data
+        # spills it to disk at scale) writes prepared rows class-mixed for every epoch to come.
+        return PrepareInputs(ds.random_shuffle(seed=0), rows_in=rows_in, manifest=manifest, batch_size=rows_per_block)
 
     # ---- train -----------------------------------------------------------------------------
     def build_model(self, options: TextOptions, manifest: dict[str, Any], pretrained: bool = True) -> torch.nn.Module:
@@ -200,7 +227,9 @@ class TextWorkload(Workload):
 
     # ---- predict ---------------------------------------------------------------------------
     def read_predict_inputs(self, input_uri: str, options: TextOptions, batch_size: int) -> ray.data.Dataset:
-        return read_table(input_uri)
+        rows = read_table_rows(input_uri)
+        require_id_column(input_uri, rows, options.id_column)
+        return rows
 
     def load_predict_batch(self, batch, options: TextOptions, manifest):
         texts = batch[options.text_column]
@@ -215,8 +244,8 @@ class TextWorkload(Workload):
             token_ids, _ = tokenize(self.tokenizer(options), [texts[i] for i in good], options.max_length)
             for i, row in zip(good, token_ids, strict=True):
                 items[i] = row
-        if ids is None:
-            ids = [_text_id(t) if isinstance(t, str) else f"row-{i}" for i, t in enumerate(texts)]
+        if ids is None:  # "<file>#<row>": unique, where a hash of the text repeats for repeated texts
+            ids = [str(v) for v in batch[ROW_ID_COLUMN]]
         return items, ids, reasons
 
     def stack_items(self, items: list, options: TextOptions, manifest) -> dict[str, torch.Tensor]:

@@ -34,7 +34,7 @@ def packaged_minilm_dir() -> str:
 class TextOptions(BaseModel):
     text_column: str = Field("text", description="column holding the text")
     label_column: str = Field("label", description="column holding the label (string or int)")
-    id_column: str | None = Field(None, description="optional id column kept in predictions (default: hash of the text)")
+    id_column: str | None = Field(None, description="optional id column kept in predictions (default: '<file>#<row>')")
     labels: list[str] | None = Field(None, description="allowed labels in id order (default: the distinct labels found)")
     model_dir: str | None = Field(None, description="Hugging Face model folder or URI (default: packaged all-MiniLM-L6-v2)")
     weights_sha256: str | None = Field(None, description="expected SHA-256 of model.safetensors (checked before loading)")
