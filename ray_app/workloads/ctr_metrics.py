@@ -10,7 +10,7 @@ import pyarrow.dataset as pads
 from sklearn.metrics import log_loss, roc_auc_score
 
 from ray_app import plots, storage
-from ray_app.workloads.base import STATUS_OK
+from ray_app.prepared import ok_uri
 
 
 def calibration(labels: np.ndarray, predicted: np.ndarray, buckets: int = 10) -> list[dict[str, float]]:
@@ -40,7 +40,7 @@ def click_report(labels: np.ndarray, predicted: np.ndarray) -> tuple[dict[str, A
 
 
 def _ok_dataset(prepared_uri: str) -> pads.Dataset:
-    fs, path = storage.resolve(storage.join(prepared_uri, f"status={STATUS_OK}"))
+    fs, path = storage.resolve(ok_uri(prepared_uri))  # the published version, not a fixed folder
     return pads.dataset(path, filesystem=fs, format="parquet")
 
 
