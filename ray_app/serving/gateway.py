@@ -59,6 +59,17 @@ PREDICT_BODY = {
 }
 
 
+# Defined above the Gateway class: Serve serializes that class by value when its decorator runs
+# (the module attribute is the deployment, not the class), so every module-level name its methods
+# use must already exist at that point.
+class ReplicasLost(RequestError):
+    """Every replica a call was tried on died while running it."""
+
+    def __init__(self, deaths: int) -> None:
+        super().__init__(503, f"model replicas kept failing ({deaths}); retry later", {"Retry-After": "1"})
+        self.deaths = deaths
+
+
 class GatewayConfig(DeploymentScaling):
     """The ingress deployment: small (no torch), always on, and the place where auth is enforced.
     It scales like a model deployment (the same settings), with defaults of its own."""
@@ -294,11 +305,3 @@ class Gateway:
                     raise ReplicasLost(attempt) from None
                 log.warning("%s: replica lost during %s, retrying (attempt %d)", workload, method, attempt)
         raise AssertionError("unreachable")
-
-
-class ReplicasLost(RequestError):
-    """Every replica a call was tried on died while running it."""
-
-    def __init__(self, deaths: int) -> None:
-        super().__init__(503, f"model replicas kept failing ({deaths}); retry later", {"Retry-After": "1"})
-        self.deaths = deaths
