@@ -16,6 +16,7 @@ Stops every Ray process of this user at the end (``ray stop --force``), like the
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -93,15 +94,18 @@ def reclaim(reclaim_dir: str | Path, node_id: str, timeout_s: float = 30) -> flo
     return time.monotonic() - started
 
 
-def training_worker_nodes(cluster: LocalCluster) -> list[str]:
-    """Node IDs that host an alive Ray Train worker (the nodes worth reclaiming)."""
+def training_worker_nodes(cluster: LocalCluster, job_id: str | None = None) -> list[str]:
+    """Node IDs that host an alive Ray Train worker, of one Ray job if given (the nodes worth
+    reclaiming)."""
     from ray.util.state import StateApiClient
     from ray.util.state.common import ListApiOptions, StateResource
 
     client = StateApiClient(address=cluster.dashboard_url, headers={"Content-Type": "application/json", **cluster.headers})
     actors = client.list(
         StateResource.ACTORS,
-        options=ListApiOptions(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]),
+        options=ListApiOptions(
+            filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"), *([("job_id", "=", job_id)] if job_id else [])]
+        ),
         raise_on_missing_output=False,
     )
     return sorted({actor.node_id for actor in actors})
@@ -110,6 +114,18 @@ def training_worker_nodes(cluster: LocalCluster) -> list[str]:
 def checkpoints(run_uri: str | Path) -> list[str]:
     folder = Path(run_uri)
     return sorted(p.name for p in folder.glob("checkpoint_*") if (p / "bundle.json").exists()) if folder.is_dir() else []
+
+
+def registered_checkpoint(run_uri: str | Path) -> str | None:
+    """The checkpoint Ray Train would restart from: the latest one its controller has registered
+    (its checkpoint manager's snapshot in the run folder). A checkpoint folder on storage is not
+    enough: reclaimed between the upload and the registration, a run restarts from the one before."""
+    snapshot = Path(run_uri, "checkpoint_manager_snapshot.json")
+    try:
+        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
+    except (OSError, ValueError):  # not written yet, or being written
+        return None
+    return latest["checkpoint_dir_name"] if latest else None
 
 
 def train_job_entrypoint(workspace: str, run_name: str, epochs: int, batch_size: int = 16, python: str = "python") -> str:
@@ -123,8 +139,8 @@ def train_job_entrypoint(workspace: str, run_name: str, epochs: int, batch_size:
 def run_through_a_reclaim(
     cluster: LocalCluster, reclaim_dir: Path, workspace: str, run_name: str, epochs: int, timeout_s: float = 300, log=print
 ) -> dict[str, Any]:
-    """Submit training, wait for its first checkpoint, reclaim a node that hosts a training
-    worker, wait for the job to end. Returns what happened (status, reclaimed node, summary)."""
+    """Submit training, wait until its first checkpoint is registered, reclaim a node that hosts a
+    training worker, wait for the job to end. Returns what happened (status, reclaimed node, summary)."""
     from ray_app.local_cluster import stage_summaries, wait_for_job
 
     client = cluster.job_client()
@@ -136,13 +152,14 @@ def run_through_a_reclaim(
     log(f"submitted {job_id}: {epochs} epochs, checkpoint every epoch")
     run_uri = Path(workspace, "image", "runs", run_name)
     deadline = time.monotonic() + timeout_s
-    while not checkpoints(run_uri):
+    while not registered_checkpoint(run_uri):
         if client.get_job_status(job_id).is_terminal() or time.monotonic() > deadline:
             return {"job_id": job_id, "status": client.get_job_status(job_id), "reclaimed": None, "logs": client.get_job_logs(job_id)}
         time.sleep(0.2)
     at_reclaim = checkpoints(run_uri)
-    victims = training_worker_nodes(cluster)
-    log(f"checkpoints so far: {at_reclaim}; training workers on nodes {[v[-5:] for v in victims]}")
+    # This job's training workers only (actors of earlier runs may still be listed).
+    victims = training_worker_nodes(cluster, job_id=client.get_job_info(job_id).job_id)
+    log(f"checkpoint {registered_checkpoint(run_uri)} registered; training workers on nodes {[v[-5:] for v in victims]}")
     reclaimed = victims[0] if victims else None
     if reclaimed:
         seconds = reclaim(reclaim_dir, reclaimed)
