@@ -12,6 +12,7 @@ start with ``PROGRESS_MARK`` and are the only worker output shown by default.
 
 from __future__ import annotations
 
+import collections
 import logging
 import logging.handlers
 import os
@@ -145,9 +146,13 @@ def show_only_progress_from_workers() -> bool:
     except ImportError:
         return False
 
+    shown: collections.deque[str] = collections.deque(maxlen=256)
+
     def progress_only(data: dict[str, Any]) -> None:
         for line in data.get("lines", []):
-            if line.startswith(PROGRESS_MARK):
+            # Ray can deliver a Train worker's line twice (seen with Ray Train 2.60): print it once.
+            if line.startswith(PROGRESS_MARK) and line not in shown:
+                shown.append(line)
                 say(line[len(PROGRESS_MARK) :])
 
     dispatcher.remove_handler("ray_print_logs")

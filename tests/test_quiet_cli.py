@@ -45,6 +45,7 @@ def test_only_progress_lines_of_workers_reach_the_driver():
         assert progress.show_only_progress_from_workers()
         with redirect_stderr(err):
             global_worker_stdstream_dispatcher.emit(batch)
+            global_worker_stdstream_dispatcher.emit(batch)  # the same line delivered again is shown once
     finally:
         global_worker_stdstream_dispatcher.remove_handler("ray_app_progress")
     assert err.getvalue() == "train epoch 1/2: x\n"
