@@ -24,27 +24,36 @@ from ray_app.local_cluster import (
     NodeWatcher,
     image_job_entrypoint,
     stage_summaries,
-    start_local_cluster,
     stop_local_cluster,
     submit_image_job,
     wait_for_job,
 )
+from ray_app.local_spot import run_through_a_reclaim, start_reclaimable_cluster
 
 pytestmark = pytest.mark.own_cluster
 
 IMAGES = 200
 JOB_TIMEOUT_S = 480  # ~1 min here; generous for a loaded 2-core machine
 SCALE_DOWN_TIMEOUT_S = 180  # idle_timeout_minutes is 0.2 (12 s); nodes go a few seconds after that
+SPOT_EPOCHS = 2  # a checkpoint each; the reclaim lands once the first is registered
+SPOT_TIMEOUT_S = 240  # ~30-60 s here
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cluster")
+
+
+@pytest.fixture(scope="module")
+def cluster(cluster_dir):
     with pytest.MonkeyPatch.context() as mp:
         # The Jobs client always prefers these over the address it is given.
         mp.delenv("RAY_ADDRESS", raising=False)
         mp.delenv("RAY_API_SERVER_ADDRESS", raising=False)
         try:
-            yield start_local_cluster(DEFAULT_CONFIG, workdir=str(tmp_path_factory.mktemp("cluster")))
+            # cluster/local-autoscaling.yaml on fake_multinode's provider extended to reclaim nodes
+            # on request, like Spot capacity (ray_app.local_spot); until asked, it is fake_multinode.
+            yield start_reclaimable_cluster(str(cluster_dir))[0]
         finally:
             stop_local_cluster()
 
@@ -103,6 +112,35 @@ def test_job_submission_trains_and_reports(finished_job):
     # The checkpoint the job reports is on disk, in the workspace the job was given.
     assert trained["checkpoint"].startswith(job["workspace"])
     assert os.path.isfile(os.path.join(trained["checkpoint"], "model.safetensors"))
+
+
+def test_training_survives_a_spot_reclaim_of_its_node(cluster, cluster_dir, finished_job):
+    """Spot capacity goes away on its own: the provider reclaims a node that hosts a training
+    worker after the first checkpoint. The autoscaler sees the node go, Ray Train restarts the
+    workers from the last checkpoint, and the job succeeds with every epoch done, without anyone
+    resubmitting. Trains on the data the first job prepared, on the nodes it left warm (runs
+    before the scale-down test, whose node counts it does not change: they still end at 0)."""
+    from ray.util.state import StateApiClient
+    from ray.util.state.common import ListApiOptions, StateResource
+
+    assert finished_job["status"] == JobStatus.SUCCEEDED, "the prepared data comes from the first job"
+    outcome = run_through_a_reclaim(
+        cluster, cluster_dir / "reclaims", finished_job["workspace"], "spot", SPOT_EPOCHS, timeout_s=SPOT_TIMEOUT_S, log=lambda _: None
+    )
+    reclaimed = outcome["reclaimed"]
+    assert reclaimed, f"no training worker found to reclaim: {outcome['status']}\n{outcome['logs'][-3000:]}"
+    assert outcome["status"] == JobStatus.SUCCEEDED, outcome["logs"][-4000:]
+    # The reclaimed node is gone for Ray too (not merely idle), and it never came back.
+    state = StateApiClient(address=cluster.dashboard_url, headers={"Content-Type": "application/json", **cluster.headers})
+    (node,) = state.list(StateResource.NODES, options=ListApiOptions(filters=[("node_id", "=", reclaimed)]), raise_on_missing_output=False)
+    assert node.state == "DEAD"
+    assert reclaimed not in cluster.worker_nodes()
+    # Finished from a checkpoint taken before the reclaim, once, with every epoch done.
+    summary = outcome["summary"]
+    assert summary["epochs_completed"] == SPOT_EPOCHS
+    assert len(summary["resumed_at"]) == 1, (summary, outcome["logs"][-3000:])
+    (resumed_at,) = summary["resumed_at"]
+    assert 2 <= len(outcome["checkpoints_at_reclaim"]) + 1 <= resumed_at <= SPOT_EPOCHS, (outcome["checkpoints_at_reclaim"], resumed_at)
 
 
 def test_autoscaler_adds_nodes_for_the_job_and_removes_them_when_idle(finished_job):
