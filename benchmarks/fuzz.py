@@ -67,7 +67,7 @@ def count_events(ndjson: str) -> dict[str, object]:
                     statuses[f"{code // 100}xx" if isinstance(code, int) else "no response"] += 1
                 for check in (body.get("recorder") or {}).get("checks", {}).values():
                     for result in check:
-                        if result.get("status") == "FAILURE":
+                        if str(result.get("status")).lower().endswith("failure"):
                             failures.append(result.get("name", "?"))
     return {
         "requests": sum(statuses.values()),

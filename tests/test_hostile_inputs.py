@@ -9,13 +9,17 @@ and a model replica's memory may grow by at most ``MEMORY_GROWTH_BOUND`` across 
 
 from __future__ import annotations
 
+import collections
+import glob
 import hashlib
 import io
 import json
 import os
 import secrets
+import signal
 import socket
 import struct
+import threading
 import time
 import tracemalloc
 import zlib
@@ -419,3 +423,223 @@ def test_liveness_and_readiness(hostile_app):
     ready = requests.get(f"{url}/readyz", timeout=10)
     assert ready.status_code == 200 and ready.json()["models"] == {name: "loaded" for name in SMALL_MODELS}
     assert requests.get(f"{url}/healthz", timeout=10).json() == ready.json()
+
+
+def test_a_damaged_registry_marks_the_model_stale_while_it_keeps_serving(hostile_app):
+    """The alias record the replicas poll is damaged: they keep serving the model they have, and
+    readiness says so (503, "stale", with the reason) until the registry is readable again."""
+    from ray_app.registry import HISTORY_FOLDER
+
+    url = hostile_app["url"]
+    records = sorted(glob.glob(os.path.join(hostile_app["models"], "image", HISTORY_FOLDER, "*.json")))
+    newest = records[-1]
+    with open(newest) as f:
+        intact = f.read()
+    try:
+        with open(newest, "w") as f:
+            f.write("{not json")
+        ready = _wait_for(lambda: requests.get(f"{url}/readyz", timeout=10), lambda r: r.status_code == 503)
+        assert ready.json()["models"]["image"] == "stale" and ready.json()["models"]["text"] == "loaded"
+        assert "could not be followed" in ready.json()["problems"]["image"]
+        assert requests.get(f"{url}/livez", timeout=5).status_code == 200
+        assert _post(url, "image", {}, encoded("PNG"))[0] == 200  # still serving version 1
+    finally:
+        with open(newest, "w") as f:
+            f.write(intact)
+    _wait_for(lambda: requests.get(f"{url}/readyz", timeout=10), lambda r: r.status_code == 200)
+
+
+def _wait_for(probe, done, limit_s: float = 30):
+    deadline = time.monotonic() + limit_s
+    while True:
+        answer = probe()
+        if done(answer):
+            return answer
+        assert time.monotonic() < deadline, f"still {answer!r} after {limit_s} s"
+        time.sleep(0.2)
+
+
+# ---- faults: poison pills, replica deaths, busy models --------------------------------------
+def _flaky_model():
+    """A stand-in model deployment (no torch) whose replicas die on the body b"poison" and sleep on
+    b"sleep<seconds>": the gateway's retry and health logic meets real replica deaths."""
+    from ray import serve
+
+    @serve.deployment(name="image-model", num_replicas=3, max_ongoing_requests=4, ray_actor_options={"num_cpus": 0})
+    class Flaky:
+        def ready(self) -> dict:
+            return {"loaded": True, "stale": False, "problem": None}
+
+        async def predict(self, payload: bytes) -> dict:
+            import asyncio
+
+            if payload == b"poison":
+                await asyncio.sleep(0.3)  # some work first, as a decode that runs out of memory does
+                os._exit(1)  # what an out-of-memory kill looks like from outside: the process is gone
+            if payload.startswith(b"sleep"):
+                await asyncio.sleep(float(payload[5:]))
+            return {"status": 200, "body": {"pid": os.getpid()}}
+
+    return Flaky
+
+
+def _flaky_pids() -> set[int]:
+    return {p.pid for p in psutil.process_iter(["cmdline"]) if "ServeReplica:flaky:image-model" in " ".join(p.info["cmdline"] or [])}
+
+
+@pytest.fixture(scope="module")
+def flaky_url(hostile_app) -> str:
+    from ray import serve
+
+    from ray_app.serving.gateway import Gateway
+
+    settings = {
+        "workloads": {"image": {"min_replicas": 1, "request_timeout_s": 20}},
+        "gateway": {"api_key_sha256": [hashlib.sha256(API_KEY.encode()).hexdigest()]},
+    }
+    serve.run(
+        Gateway.options(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0}).bind(settings, {"image": _flaky_model().bind()}),
+        name="flaky",
+        route_prefix="/flaky",
+    )
+    url = f"{hostile_app['url']}/flaky"
+    _wait_for(lambda: len(_flaky_pids()), lambda n: n == 3)
+    return url
+
+
+def _three_flaky_replicas_serving(url: str) -> None:
+    _wait_for(lambda: (len(_flaky_pids()), requests.post(f"{url}/image/predict", data=b"ok", headers=AUTH, timeout=30).status_code),
+              lambda state: state == (3, 200), limit_s=60)  # fmt: skip
+
+
+def test_a_poison_request_kills_at_most_two_replicas_and_is_then_refused(flaky_url):
+    _three_flaky_replicas_serving(flaky_url)
+    before = _flaky_pids()
+    answer = requests.post(f"{flaky_url}/image/predict", data=b"poison", headers=AUTH, timeout=60)
+    assert answer.status_code == 422, answer.text
+    assert "in flight when 2 model replicas died" in answer.json()["error"]["message"]
+    survivors = before & _flaky_pids()
+    assert len(survivors) == 1, f"{len(before) - len(survivors)} of {len(before)} replicas died for one request"
+    again = requests.post(f"{flaky_url}/image/predict", data=b"poison", headers=AUTH, timeout=60)
+    assert again.status_code == 422 and survivors <= _flaky_pids(), "a known poison pill was run again"
+
+
+def test_a_replica_killed_under_load_fails_no_request(flaky_url):
+    """The retry cap must not cost the old guarantee: a replica that dies for other reasons (here
+    SIGKILL) while requests run on it costs retries, not failures."""
+    _three_flaky_replicas_serving(flaky_url)
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        session = requests.Session()
+        while not stop.is_set():
+            statuses.append(session.post(f"{flaky_url}/image/predict", data=b"sleep0.05", headers=AUTH, timeout=60).status_code)
+
+    workers = [threading.Thread(target=client) for _ in range(6)]
+    for w in workers:
+        w.start()
+    time.sleep(1)
+    os.kill(sorted(_flaky_pids())[0], signal.SIGKILL)
+    time.sleep(2)
+    stop.set()
+    for w in workers:
+        w.join()
+    assert len(statuses) > 50 and set(statuses) == {200}, collections.Counter(statuses)
+
+
+def test_liveness_never_waits_behind_predictions(flaky_url):
+    """Every model slot busy (3 replicas × 4) and more queued: /livez answers at once, and
+    /readyz says busy-but-loaded (200) instead of dropping the app from the load balancer."""
+    _three_flaky_replicas_serving(flaky_url)
+    assert requests.get(f"{flaky_url}/readyz", timeout=10).json()["models"] == {"image": "loaded"}
+    busy = [
+        threading.Thread(target=requests.post, args=(f"{flaky_url}/image/predict",), kwargs={"data": b"sleep4", "headers": AUTH})
+        for _ in range(16)
+    ]
+    for t in busy:
+        t.start()
+    time.sleep(1)
+    started = time.monotonic()
+    live = requests.get(f"{flaky_url}/livez", timeout=5)
+    live_s = time.monotonic() - started
+    ready = requests.get(f"{flaky_url}/readyz", timeout=10)
+    for t in busy:
+        t.join()
+    assert live.status_code == 200 and live_s < 0.5, live_s
+    assert ready.status_code == 200 and ready.json()["models"] == {"image": "loaded (busy)"}, ready.text
+
+
+def test_inference_routes_are_closed_without_a_key(hostile_app):
+    from ray import serve
+
+    from ray_app.serving.gateway import Gateway
+
+    settings = {"workloads": {"image": {"min_replicas": 1}}}  # no key, and no allow_unauthenticated
+    model = _flaky_model().options(num_replicas=1)
+    serve.run(
+        Gateway.options(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0}).bind(settings, {"image": model.bind()}),
+        name="nokey",
+        route_prefix="/nokey",
+    )
+    try:
+        answer = requests.post(f"{hostile_app['url']}/nokey/image/predict", data=b"ok", timeout=30)
+        assert answer.status_code == 401 and "no API key is configured" in answer.json()["error"]["message"]
+        assert requests.get(f"{hostile_app['url']}/nokey/livez", timeout=10).status_code == 200
+    finally:
+        serve.delete("nokey")
+
+
+# ---- a pin during an alias rollout --------------------------------------------------------------
+class FileAliasLoader:
+    """Aliases read from files in ``folder`` (``folder/production`` holds a version number); a
+    version with a ``slow-<version>`` file takes 2 s to load. The models are the image workload's
+    real architecture with seeded random weights, tagged with their version."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def resolve(self, workload: str, ref: str) -> str:
+        if ref.isdigit():
+            return ref
+        with open(os.path.join(self.folder, ref)) as f:
+            return f.read().strip()
+
+    def load(self, workload: str, resolved: str, use_gpu: bool):
+        from ray_app.serving.loaders import untrained_model
+
+        if os.path.exists(os.path.join(self.folder, f"slow-{resolved}")):
+            time.sleep(2)
+        options, manifest = SMALL_MODELS["image"]
+        return untrained_model("image", manifest, options, version=int(resolved))
+
+
+def test_a_pin_wins_over_an_alias_load_in_flight(tmp_path):
+    """The model deployment's own class, driven the way Serve drives it: an emergency pin to
+    version 1 (``reconfigure``) arrives while an alias poll is loading version 2 (a slow load).
+    The pin is what is served when both are done, and later polls leave it alone; it used to be
+    undone by whichever load finished last."""
+    import asyncio
+
+    from ray_app.config import ServeConfig
+    from ray_app.serving.model_server import ModelServer
+
+    (tmp_path / "production").write_text("1")
+    settings = ServeConfig(alias_poll_s=0)  # polls driven by the test, not a timer
+
+    async def scenario() -> list[tuple[int, str]]:
+        server = ModelServer.func_or_class("image", settings, FileAliasLoader(str(tmp_path)))
+        await server.reconfigure({"model": "production"})
+        seen = [(server.ready()["version"], server.model_ref)]
+        (tmp_path / "slow-2").write_text("")
+        (tmp_path / "production").write_text("2")  # the alias moves
+        poll = asyncio.create_task(server.poll_alias())  # starts loading version 2 (2 s)
+        await asyncio.sleep(0.5)
+        await server.reconfigure({"model": "1"})  # the pin, while that load is in flight
+        await poll
+        seen.append((server.ready()["version"], server.model_ref))
+        await server.poll_alias()  # a later poll: the pin is not an alias, nothing moves
+        seen.append((server.ready()["version"], server.model_ref))
+        return seen
+
+    assert asyncio.run(scenario()) == [(1, "production"), (1, "1"), (1, "1")]
