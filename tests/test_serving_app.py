@@ -1,22 +1,27 @@
 """The one serving app (cluster/serve/app.yaml) hosting image, text and ctr behind a gateway: routes,
 API keys, health, the model list, rollout under load with zero failed requests, backpressure,
-metrics in Prometheus format, the try-it page in a real browser, and schema fuzzing."""
+metrics in Prometheus format, the model console page in a real browser, and schema fuzzing."""
 
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import os
 import secrets
 import socket
 import threading
 import time
+from pathlib import Path
 
+import pydicom.data
 import pytest
 import requests
 import schemathesis
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
+from PIL import Image
 from ray import serve
 from schemathesis import GenerationMode
 
@@ -233,43 +238,113 @@ def test_metrics_are_exported_in_prometheus_format(base_url, metrics_port, demo_
     assert 'workload="image"' in text
 
 
+def test_model_console_routes(base_url):
+    """The page's own routes: each workload's registry record (cards, alias history) behind the
+    API key, and a DICOM file rendered as a PNG (a PNG upload is the browser's to show: 422)."""
+    assert requests.get(f"{base_url}/v1/models/image/history", timeout=30).status_code == 401
+    for workload in ("image", "text", "ctr"):
+        record = requests.get(f"{base_url}/v1/models/{workload}/history", headers=AUTH, timeout=30)
+        assert record.status_code == 200, record.text
+        body = record.json()
+        assert body["versions"] and body["aliases"]["production"] in [v["version"] for v in body["versions"]]
+        first = body["versions"][0]
+        assert first["registered_at"] and len(first["data_fingerprint"]) == 64 and first["run_name"]
+        assert "config" not in first  # the card, not the whole registry record
+        assert body["history"][0]["alias"] == "production" and body["history"][0]["kind"] == "register"
+    assert requests.get(f"{base_url}/v1/models/audio/history", headers=AUTH, timeout=30).status_code == 422
+    ct = pydicom.data.get_testdata_file("CT_small.dcm")
+    with open(ct, "rb") as f:
+        preview = requests.post(f"{base_url}/v1/preview", data=f.read(), headers=AUTH, timeout=60)
+    assert preview.status_code == 200 and preview.headers["content-type"] == "image/png", preview.text[:300]
+    assert Image.open(io.BytesIO(preview.content)).size == (256, 256)
+    png = requests.post(f"{base_url}/v1/preview", data=b"\x89PNG\r\n\x1a\n" + b"0" * 64, headers=AUTH, timeout=30)
+    assert png.status_code == 422 and "not a DICOM file" in png.json()["error"]["message"]
+
+
 def test_try_it_page_in_a_real_browser(base_url, demo_images, tmp_path):
-    """Headless Chromium loads the page, enters the API key, submits each form and reads the answer."""
+    """Headless Chromium drives the model console: the API key, a card per served model that
+    matches the registry, the alias history, a preview of the uploaded PNG and of a DICOM file
+    (rendered by the server), probability bars for each workload. A screenshot is kept under
+    test-artifacts/ (git ignores it)."""
     playwright = pytest.importorskip("playwright.sync_api")
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"{CHROMIUM} missing: `make setup` installs Debian's chromium")
     digit = tmp_path / "digit.png"
     digit.write_bytes(_digit(demo_images, "6"))
+    served = requests.get(f"{base_url}/v1/models", headers=AUTH, timeout=120).json()["models"]
+    records = {
+        m["workload"]: requests.get(f"{base_url}/v1/models/{m['workload']}/history", headers=AUTH, timeout=30).json() for m in served
+    }
+    screenshot = ARTIFACTS / "try_it_page.png"
+    ARTIFACTS.mkdir(exist_ok=True)
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         try:
-            page = browser.new_page()
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
             page.goto(f"{base_url}/")
             page.fill("#api-key", API_KEY)
             page.dispatch_event("#api-key", "change")
             page.wait_for_selector("#ctr-fields input", timeout=120_000)  # the click form is built from the model's schema
+            page.wait_for_selector("#card-ctr", timeout=60_000)
             assert "image v" in page.text_content("#models-status")
+            cards = {m["workload"]: page.text_content(f"#card-{m['workload']}") for m in served}
+            history_rows = [row.text_content() for row in page.query_selector_all("#alias-history tbody tr")]
+
+            # A DICOM file: the browser cannot show it, the server renders it (256×256 PNG).
+            page.set_input_files("#image-file", pydicom.data.get_testdata_file("CT_small.dcm"))
+            page.wait_for_function("document.querySelector('#image-preview').naturalWidth === 256", timeout=60_000)
+            dicom_note = page.text_content("#image-preview-note")
+            page.locator("#image").screenshot(path=str(ARTIFACTS / "dicom_preview.png"))
 
             page.set_input_files("#image-file", str(digit))
+            page.wait_for_function("document.querySelector('#image-preview').naturalWidth === 28", timeout=30_000)
             page.click("#image-form button")
-            page.wait_for_function("document.querySelector('#image-result').textContent.includes('predictions')", timeout=60_000)
+            page.wait_for_selector("#image-bars .bar", timeout=60_000)
+            image_bars = page.eval_on_selector_all("#image-bars .bar", "rows => rows.map(r => [r.dataset.label, Number(r.dataset.value)])")
+            image_answer = json.loads(page.text_content("#image-result"))
+            # Drawn, not only present: each fill's width is its probability's share of the track.
+            drawn = page.eval_on_selector_all(
+                "#image-bars .bar",
+                "rows => rows.map(r => r.querySelector('.fill').getBoundingClientRect().width / r.querySelector('.track').getBoundingClientRect().width)",
+            )
 
             page.fill("#text-input", "a delight from start to finish")
             page.click("#text-form button")
-            page.wait_for_function("document.querySelector('#text-result').textContent.includes('results')", timeout=60_000)
+            page.wait_for_selector("#text-bars .bar", timeout=60_000)
+            text_bars = page.eval_on_selector_all("#text-bars .bar", "rows => rows.map(r => [r.dataset.label, Number(r.dataset.value)])")
 
             for field in page.query_selector_all("#ctr-fields input"):
                 field.fill("3")
             page.click("#ctr-form button")
-            page.wait_for_function("document.querySelector('#ctr-result').textContent.includes('click_probability')", timeout=60_000)
-            answers = {name: page.text_content(f"#{name}-result") for name in ("image", "text", "ctr")}
+            page.wait_for_selector("#ctr-bars .bar", timeout=60_000)
+            ctr_bars = page.eval_on_selector_all("#ctr-bars .bar", "rows => rows.map(r => Number(r.dataset.value))")
+            ctr_answer = json.loads(page.text_content("#ctr-result"))
+            page.screenshot(path=str(screenshot), full_page=True)
         finally:
             browser.close()
-    assert '"label"' in answers["image"] and '"probability"' in answers["image"]
-    assert '"fresh"' in answers["text"] or '"rotten"' in answers["text"]
-    assert "HTTP" not in answers["ctr"]
+    print(f"\nscreenshots of the model console: {screenshot}, {ARTIFACTS / 'dicom_preview.png'}")
+    for model in served:
+        record, card = records[model["workload"]], cards[model["workload"]]
+        version = next(v for v in record["versions"] if v["version"] == model["version"])
+        assert f"v{model['version']}" in card and version["run_name"] in card, card
+        assert version["data_fingerprint"][:16] in card and version["data"] in card, card
+        assert version["registered_at"][:10] in card, card  # the date it was registered
+        if record["aliases"].get("production") == model["version"]:
+            assert "production" in card, card
+    moves = sum(len(r["history"]) for r in records.values())
+    assert len(history_rows) == moves >= 3, history_rows
+    assert any("production" in row and "register" in row for row in history_rows), history_rows
+    assert [label for label, _ in image_bars] == [p["label"] for p in image_answer["predictions"]]
+    assert [value for _, value in image_bars] == sorted((value for _, value in image_bars), reverse=True)
+    assert 0 < sum(value for _, value in image_bars) <= 1.0001
+    assert drawn == pytest.approx([value for _, value in image_bars], abs=0.01) and drawn[0] > 0.05
+    assert len(text_bars) == 1 and text_bars[0][0].split()[-1] in ("fresh", "rotten") and 0.5 <= text_bars[0][1] <= 1
+    assert ctr_bars == ctr_answer["click_probability"] and all(0 <= v <= 1 for v in ctr_bars)
+    assert "DICOM" in dicom_note
+    assert screenshot.stat().st_size > 10_000
 
 
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
     "--headless",

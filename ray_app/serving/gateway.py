@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
@@ -28,6 +28,8 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 from ray_app.config import DeploymentScaling, ServeConfig
+from ray_app.registry_store import RegistryError
+from ray_app.serving.console import dicom_preview_png, registry_record
 from ray_app.serving.http import RequestError, error_response, read_body
 from ray_app.serving.metrics import GatewayMetrics
 
@@ -52,6 +54,16 @@ PREDICT_BODY = {
         "GET /v1/models shows each model's exact schema.",
         "content": {
             "application/json": {"schema": {"type": "object"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}},
+        },
+    }
+}
+PREVIEW_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "a DICOM file (raw bytes or multipart 'file'); answered with a PNG of its pixels",
+        "content": {
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
             "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}},
         },
@@ -208,6 +220,34 @@ class Gateway:
         try:
             self._authorize(request)
             return await self._call(workload, "describe")
+        except RequestError as exc:
+            return error_response(exc.status_code, exc.message, exc.headers)
+
+    # ---- the model console (the page): registry record and DICOM preview --------------------
+    @api.get("/v1/models/{workload}/history")
+    async def model_history(self, workload: WorkloadName, request: Request) -> Any:
+        """The registry's record of a workload: each version's card (when and from which data it
+        was trained, its metrics) and every alias move. Read from the registry, no model called."""
+        try:
+            self._authorize(request)
+            self._limits(workload)
+            return await asyncio.to_thread(registry_record, self.settings.models, workload)
+        except RequestError as exc:
+            return error_response(exc.status_code, exc.message, exc.headers)
+        except (OSError, ValueError, RegistryError) as exc:  # the served models keep answering meanwhile
+            return error_response(503, f"{workload}: model registry unreadable ({type(exc).__name__})", {"Retry-After": "5"})
+
+    @api.post("/v1/preview", openapi_extra=PREVIEW_BODY, response_class=Response)
+    async def preview(self, request: Request) -> Response:
+        """An uploaded DICOM file as a PNG, for the page to show what was sent."""
+        try:
+            self._authorize(request)
+            payload = await read_body(request, self._limits("image").max_body_bytes, self.settings.gateway.body_timeout_s)
+            try:
+                png = await asyncio.to_thread(dicom_preview_png, payload)
+            except Exception as exc:  # noqa: BLE001 - untrusted bytes: any decode failure is the file's, said as 422
+                raise RequestError(422, f"no preview: {exc}") from None
+            return Response(content=png, media_type="image/png")
         except RequestError as exc:
             return error_response(exc.status_code, exc.message, exc.headers)
 
