@@ -71,6 +71,28 @@ PREVIEW_BODY = {
 }
 
 
+# Every error the gateway answers, documented in the OpenAPI schema (schema fuzzers check that an
+# answer's status is one the schema lists), all with the one JSON shape of ``error_response``.
+ERROR_SCHEMA = {
+    "type": "object",
+    "properties": {"error": {"type": "object", "properties": {"status": {"type": "integer"}, "message": {"type": "string"}}}},
+}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"description": description, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
+    for code, description in (
+        (400, "empty or malformed body"),
+        (401, "missing API key (or none configured)"),
+        (403, "API key not accepted"),
+        (404, "workload not served here"),
+        (408, "body not received within body_timeout_s"),
+        (413, "body over max_body_bytes"),
+        (422, "invalid input, too many items, or a request that crashed model replicas"),
+        (500, "model error"),
+        (503, "at capacity, no answer in time, or unavailable (Retry-After)"),
+    )
+}
+
+
 # Defined above the Gateway class: Serve serializes that class by value when its decorator runs
 # (the module attribute is the deployment, not the class), so every module-level name its methods
 # use must already exist at that point.
@@ -205,7 +227,7 @@ class Gateway:
         return state
 
     # ---- routes behind the API key --------------------------------------------------------
-    @api.get("/v1/models")
+    @api.get("/v1/models", responses=ERROR_RESPONSES)
     async def list_models(self, request: Request) -> Any:
         """What each workload serves: version, alias, metrics, request schema (wakes scaled-to-zero models)."""
         try:
@@ -215,7 +237,7 @@ class Gateway:
             return error_response(exc.status_code, exc.message, exc.headers)
         return {"models": described}
 
-    @api.get("/{workload}/model")
+    @api.get("/{workload}/model", responses=ERROR_RESPONSES)
     async def model_info(self, workload: WorkloadName, request: Request) -> Any:
         try:
             self._authorize(request)
@@ -251,7 +273,7 @@ class Gateway:
         except RequestError as exc:
             return error_response(exc.status_code, exc.message, exc.headers)
 
-    @api.post("/{workload}/predict", openapi_extra=PREDICT_BODY)
+    @api.post("/{workload}/predict", openapi_extra=PREDICT_BODY, responses=ERROR_RESPONSES)
     async def predict(self, workload: WorkloadName, request: Request) -> Any:
         started, status = time.perf_counter(), 500
         try:
