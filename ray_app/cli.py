@@ -29,6 +29,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "rollback": ("rollback", "move an alias back to the version it had before its last move"),
     "predict": ("predict", "Ray Data batch inference with an actor pool -> Parquet"),
     "serve": ("serve", "Ray Serve HTTP endpoint with batching and autoscaling"),
+    "tune": ("tune", "Ray Tune sweep (ASHA) over the train loop; the best trial is evaluated and registered"),
 }
 # Stages that act on a training run also take --run-name.
 RUN_NAME_STAGES = {"evaluate", "register"}
@@ -50,6 +51,8 @@ def _stage_runner(stage: str) -> Callable[[config_mod.AppConfig], dict[str, Any]
         from ray_app.engine.predict import run_predict as runner
     elif stage == "rollback":
         from ray_app.engine.rollback import run_rollback as runner
+    elif stage == "tune":
+        from ray_app.engine.tune import run_tune as runner
     else:
         from ray_app.serving.app import run_serve as runner
     return runner
@@ -82,7 +85,7 @@ def _add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], pr
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ray-app", description="MLOps on Ray: prepare, train, evaluate, register, predict, serve.")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default=None, help="ray_app's own log lines (default: WARNING, or INFO with --verbose)")
     parser.add_argument(
         "--verbose", action="store_true", help="also show Ray's INFO/WARNING lines and all worker output (default: only in Ray's log files)"
     )
@@ -107,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
                 dest="address",
                 default=argparse.SUPPRESS,
                 help="Ray cluster address (default: RAY_ADDRESS or a local instance)",
+            )
+            common.add_argument(
+                "--tracking-uri",
+                dest="tracking.uri",
+                default=argparse.SUPPRESS,
+                help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///<workspace>/mlflow.db)",
             )
             common.add_argument(
                 "--set", dest="set_values", action="append", default=[], metavar="KEY=VALUE", help="any config value, e.g. train.lr=0.001"
@@ -139,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
 def run_cli(argv: list[str] | None = None) -> dict[str, Any]:
     """Run one stage and return its summary (also printed as JSON)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The stage's own INFO lines repeat what its progress lines and JSON summary already say.
+    level = args.log_level or ("INFO" if args.verbose else "WARNING")
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = config_mod.load_config(args.workload, args.config, parse_overrides(args))
     except ValueError as exc:  # pydantic ValidationError included: say which field is wrong

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ray_app import storage
 
@@ -133,6 +133,45 @@ class ServeConfig(DeploymentScaling):
     blocking: bool = Field(False, description="keep serving until interrupted")
 
 
+class TuneConfig(_Section):
+    """A Ray Tune sweep over the train stage's own loop (``ray-app <workload> tune``)."""
+
+    name: str = Field("tune", description="sweep name; re-running the same name resumes an interrupted sweep (Tuner.restore)")
+    num_samples: int = Field(4, gt=0, description="configurations drawn from the search space (each grid is crossed with them)")
+    epochs: int = Field(3, gt=0, description="epochs for a trial that is never stopped early (ASHA max_t)")
+    grace_period: int = Field(1, gt=0, description="epochs every trial runs before ASHA may stop it")
+    reduction_factor: float = Field(2, gt=1, description="ASHA keeps the best 1/reduction_factor of trials at each rung")
+    metric: str = Field("val_accuracy", description="validation metric ASHA and the choice of the best trial use")
+    mode: str = Field("max", pattern="^(max|min)$")
+    max_concurrent_trials: int | None = Field(
+        None, gt=0, description="default: as many as the cluster's CPUs allow (at least 1 CPU left for Ray Data)"
+    )
+    # Per-key spaces: {"grid": [...]}, {"choice": [...]}, {"loguniform": [lo, hi]}, {"uniform": [lo, hi]}.
+    # Keys: lr, weight_decay, batch_size, or a workload option (width, embedding_dim...). Unset keys
+    # take the workload's default space (ray_app.engine.tune.DEFAULT_SEARCH_SPACES).
+    search_space: dict[str, dict[str, list[Any]]] = Field(
+        default_factory=dict, description="YAML/JSON map of key -> {grid|choice|loguniform|uniform: [...]}"
+    )
+    seed: int = Field(0, description="seed of the random search")
+    register_best: bool = Field(True, description="evaluate the best trial and register it through the promotion gate")
+
+    @field_validator("search_space", mode="before")
+    @classmethod
+    def _search_space(cls, value: Any) -> Any:
+        # The CLI hands the flag's text over as is: it is YAML (JSON included).
+        return yaml.safe_load(value) if isinstance(value, str) else value
+
+
+class TrackingConfig(_Section):
+    """MLflow tracking of train, evaluate, register and tune."""
+
+    uri: str | None = Field(
+        None, description="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///<workspace>/mlflow.db for a local workspace)"
+    )
+    enabled: bool = Field(True, description="log runs to MLflow")
+    experiment: str | None = Field(None, description="MLflow experiment (default: ray_app-<workload>)")
+
+
 class AppConfig(_Section):
     workload: str
     workspace: str = Field("./workspace", description="root URI for prepared data, runs, models, predictions")
@@ -146,6 +185,8 @@ class AppConfig(_Section):
     rollback: RollbackConfig = RollbackConfig()
     predict: PredictConfig = PredictConfig()
     serve: ServeConfig = ServeConfig()
+    tune: TuneConfig = TuneConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     # Derived locations: one place decides the workspace layout.
     def prepared_uri(self) -> str:

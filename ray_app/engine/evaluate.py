@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from ray_app import storage
+from ray_app import storage, tracking
 from ray_app.bundle import BUNDLE_FILE
 from ray_app.config import AppConfig, save_config
 from ray_app.engine.scoring import PreparedRowScorer, refuse_other_data_shape, stage_options
@@ -64,7 +64,9 @@ def run_evaluate(config: AppConfig) -> dict[str, Any]:
     save_config(config, output, "evaluate")
     log.info("evaluate: accuracy %.4f on %d rows", report["accuracy"], report["rows"])
     summary_keys = ("rows", "accuracy", "macro_f1", "majority_class_accuracy", "auc", "log_loss", "model", "baseline", "true_model")
-    return {k: report[k] for k in summary_keys if k in report} | {"output": output}
+    # After the report is on storage: the training run's MLflow run gets the test metrics and files.
+    tracked = tracking.log_evaluation(config, report, output, [REPORT_FILE, "confusion_matrix.json", *figures, "config.evaluate.yaml"])
+    return {k: report[k] for k in summary_keys if k in report} | {"output": output, "tracking": tracked}
 
 
 class ComparisonScorer:

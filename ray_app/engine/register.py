@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ray_app import storage
+from ray_app import storage, tracking
 from ray_app.config import AppConfig
 from ray_app.engine.evaluate import REPORT_FILE
 from ray_app.engine.train import latest_checkpoint_uri
@@ -32,6 +32,8 @@ def run_register(config: AppConfig) -> dict[str, Any]:
         "data": config.train_data_uri(),
         "data_fingerprint": data_fingerprint(config.train_data_uri()),
         "config": config.model_dump(mode="json"),
+        # The MLflow run of this training run ({tracking_uri, experiment_id, run_id}), or None.
+        "mlflow_run": tracking.recorded_run(config.run_uri()),
     }
     registry = ModelRegistry(config.models_uri())
     alias = config.registration.alias
@@ -50,6 +52,7 @@ def run_register(config: AppConfig) -> dict[str, Any]:
         "uri": registry.version_uri(config.workload, version),
         "promotion": gate,
     }
+    summary["tracking"] = tracking.log_registration(config, version, alias, summary["uri"])
     log.info("register: %s", summary)
     return summary
 

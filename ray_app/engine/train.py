@@ -30,7 +30,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from safetensors.torch import load_model
 
-from ray_app import plots, storage
+from ray_app import plots, storage, tracking
 from ray_app.bundle import BUNDLE_FILE, WEIGHTS_FILE, save_bundle
 from ray_app.config import AppConfig, TrainConfig, save_config
 from ray_app.prepared import data_fingerprint, load_manifest, read_split
@@ -377,6 +377,21 @@ def _finish(config: AppConfig, checkpoint_uri: str, started: float, **extra: Any
     return summary
 
 
+def build_train_loop_config(config: AppConfig, options: Any, manifest: dict[str, Any], fingerprint: str) -> dict[str, Any]:
+    """What ``train_loop_per_worker`` reads; tune starts from the same dict and overrides the
+    searched keys, so a trial trains exactly as ``train`` would with those values."""
+    t = config.train
+    return {
+        "workload": config.workload,
+        "options": options.model_dump(),
+        "manifest": manifest,
+        "data_fingerprint": fingerprint,
+        "train_rows": manifest["splits"]["train"],
+        "run_name": t.run_name,
+        **t.model_dump(include={"epochs", "batch_size", "lr", "weight_decay", "warmup_fraction", "seed", "checkpoint_every_steps"}),
+    }
+
+
 def run_train(config: AppConfig) -> dict[str, Any]:
     started = time.perf_counter()
     workload = get_workload(config.workload)
@@ -411,15 +426,7 @@ def run_train(config: AppConfig) -> dict[str, Any]:
         log.info("train: resuming run %r after epoch %d (%s)", t.run_name, training["epoch"], checkpoint_uri)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "workload": config.workload,
-            "options": options.model_dump(),
-            "manifest": manifest,
-            "data_fingerprint": fingerprint,
-            "train_rows": manifest["splits"]["train"],
-            "run_name": t.run_name,
-            **t.model_dump(include={"epochs", "batch_size", "lr", "weight_decay", "warmup_fraction", "seed", "checkpoint_every_steps"}),
-        },
+        train_loop_config=build_train_loop_config(config, options, manifest, fingerprint),
         scaling_config=ScalingConfig(**scaling_config_kwargs(t, ray.cluster_resources().get("CPU", 0))),
         run_config=RunConfig(
             name=t.run_name,
@@ -434,6 +441,8 @@ def run_train(config: AppConfig) -> dict[str, Any]:
         raise RuntimeError(f"training produced no checkpoint: {result.error}")
     summary = _finish(config, _checkpoint_uri(config.runs_uri(), result.checkpoint), started, trained=True)
     save_config(config, run_uri, "train")
+    # After the run's own files are written: a tracking failure only adds a warning to the summary.
+    summary["tracking"] = tracking.log_training(config, summary)
     if aside:  # the new run is complete: the one it replaces can go
         storage.delete_dir(aside)
     log.info("train: %s", summary)
