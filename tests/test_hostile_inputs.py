@@ -156,6 +156,20 @@ def test_a_huge_text_is_clipped_before_tokenizing(text_workload):
     assert short_extras == {"truncated": False} and len(short_ids) < 64
 
 
+def test_first_text_requests_decode_concurrently():
+    """A model replica decodes requests in a thread pool: the first requests of a fresh replica
+    load the tokenizer from several threads at once (a raced load or first call fails)."""
+    import concurrent.futures
+    import functools
+
+    for _ in range(3):
+        workload = TextWorkload()
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            bodies = [b'{"texts": ["a lovely film %d"]}' % i for i in range(32)]
+            decoded = list(pool.map(functools.partial(workload.decode_request, options=TextOptions(), manifest={}, max_items=8), bodies))
+        assert all(len(d) == 1 for d in decoded)
+
+
 @pytest.mark.parametrize(
     "body",
     [

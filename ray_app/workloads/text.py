@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -143,6 +144,9 @@ def transformer_classifier(model_dir: str | None, num_labels: int, pretrained: b
 MAX_CHARS_PER_TOKEN = 32
 
 
+_TOKENIZER_LOAD = threading.Lock()  # module-level: workload instances are pickled with bundles
+
+
 class TextRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     texts: list[StrictStr] = Field(min_length=1)
@@ -183,7 +187,16 @@ class TextWorkload(Workload):
 
     def tokenizer(self, options: TextOptions):
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(options.model_dir)
+            # Serving decodes requests in several threads: the first ones must not import
+            # transformers or load the tokenizer concurrently (both fail when raced).
+            with _TOKENIZER_LOAD:
+                if self._tokenizer is None:
+                    tokenizer = load_tokenizer(options.model_dir)
+                    # The first call turns off the truncation/padding the tokenizer file ships
+                    # with, a write to the Rust tokenizer: done before it is shared, so decode
+                    # threads only ever read it (concurrent writes raise "Already borrowed").
+                    tokenize(tokenizer, ["warm-up"], options.max_length)
+                    self._tokenizer = tokenizer
         return self._tokenizer
 
     # ---- prepare ---------------------------------------------------------------------------
