@@ -66,8 +66,9 @@ def data_fingerprint(prepared_uri: str) -> str:
 def read_split(prepared_uri: str, split: str, columns: list[str]) -> ray.data.Dataset:
     """The good rows of one split as a Ray Dataset (Parquet column projection, filter on split)."""
     import ray.data
+    from ray.data.expressions import col
 
     # select_columns right after the read: Ray's optimizer pushes the projection into the Parquet
     # read (``columns=`` on read_parquet is deprecated in Ray 2.60).
     rows = ray.data.read_parquet(ok_uri(prepared_uri)).select_columns([*columns, "split"])
-    return rows.filter(expr=f"split == '{split}'").select_columns(columns)
+    return rows.filter(expr=col("split") == split).select_columns(columns)  # an expression, not a string: pushed down

@@ -101,3 +101,29 @@ def test_prepare_options_carry_through_train_predict_and_serve(shaped, sorted_di
         assert answer.json()["predictions"][0]["label"] in [str(d) for d in range(10)]
     finally:
         serve.shutdown()
+
+
+def test_table_rows_for_prediction_get_unique_file_and_row_ids(ray_session, tmp_path):
+    """Tables to predict: every row carries '<file>#<row in file>' (Parquet row groups and CSV
+    files alike), so outputs without an id column still name each input row once."""
+    import pyarrow as pa
+
+    from ray_app.workloads.base import ROW_ID_COLUMN, read_table_rows
+
+    folder = tmp_path / "events"
+    folder.mkdir()
+    pq.write_table(pa.table({"x": list(range(10))}), folder / "a.parquet", row_group_size=4)  # 3 row groups
+    pq.write_table(pa.table({"x": list(range(10, 15))}), folder / "b.parquet")
+    rows = read_table_rows(str(folder)).take_all()
+    ids = {row["x"]: row[ROW_ID_COLUMN] for row in rows}
+    assert len(rows) == 15 and len(set(ids.values())) == 15
+    assert ids[5] == f"{folder / 'a.parquet'}#5" and ids[10] == f"{folder / 'b.parquet'}#0"
+    csv = tmp_path / "clicks.csv"
+    csv.write_text("age,click\n1,0\n2,1\n3,0\n")
+    assert sorted(r[ROW_ID_COLUMN] for r in read_table_rows(str(csv)).take_all()) == [f"{csv}#{i}" for i in range(3)]
+
+
+def test_text_chain_trains_and_serves_at_the_prepared_max_length(text_run):
+    """The fixtures prepare text at --max-length 64 and never repeat it: train used 64, not 128."""
+    bundle = storage.read_json(os.path.join(text_run["trained"]["checkpoint"], "bundle.json"))
+    assert bundle["options"]["max_length"] == 64
