@@ -31,6 +31,8 @@ def connect(address: str | None = None, verbose: bool = False) -> str | None:
         driver_log = None if verbose else progress.start_driver_log()
         if not verbose:
             progress.quiet_ray_console(driver_log)
+            # MLflow (train, evaluate, register) announces its SQLite set-up at INFO; read on its import.
+            os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         address = address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address)
