@@ -7,6 +7,9 @@ import json
 import os
 import subprocess
 import sys
+import time
+
+import pytest
 
 from ray_app import storage, tracking
 from ray_app.config import load_config
@@ -103,3 +106,63 @@ def test_nothing_on_the_serving_path_imports_mlflow():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def _mlflow_ui_bin() -> str | None:
+    """An `mlflow` executable that can serve the UI: MLFLOW_UI_BIN (e.g. another venv's), or this
+    venv's when the full mlflow (the `mlflow-ui` extra, which ships the UI build) is installed."""
+    if os.environ.get("MLFLOW_UI_BIN"):
+        return os.environ["MLFLOW_UI_BIN"]
+    import mlflow
+
+    ui_build = os.path.join(os.path.dirname(mlflow.__file__), "server", "js", "build", "index.html")
+    local = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    return local if os.path.isfile(ui_build) and os.path.isfile(local) else None
+
+
+def test_mlflow_ui_shows_the_runs_in_headless_chromium(tmp_path):
+    """`mlflow ui` on a store this project wrote renders the experiment and the run (needs the
+    `mlflow-ui` extra, or MLFLOW_UI_BIN pointing at an `mlflow` of the same version)."""
+    mlflow_bin = _mlflow_ui_bin()
+    if mlflow_bin is None:
+        pytest.skip("`mlflow ui` needs the full mlflow: pip install -e '.[mlflow-ui]' (or set MLFLOW_UI_BIN)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} missing: `make setup` installs Debian's chromium")
+    config, summary = _run_folder(str(tmp_path / "ws"), run_name="ui-run")
+    tracked = tracking.log_training(config, summary)
+    assert tracked["warnings"] == []
+    port = unused_loopback_port()
+    server = subprocess.Popen(
+        [mlflow_bin, "ui", "--backend-store-uri", tracked["uri"], "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        import requests
+
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "mlflow ui did not start"
+            time.sleep(0.5)
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 900})
+                experiment_id = tracking.recorded_run(config.run_uri())["experiment_id"]
+                page.goto(f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs")
+                page.get_by_text("ui-run").first.wait_for(timeout=60_000)
+                assert "ray_app-image" in page.inner_text("body")
+            finally:
+                browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
