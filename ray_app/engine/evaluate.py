@@ -7,13 +7,14 @@ from typing import Any
 
 import numpy as np
 import ray
+from ray.data.expressions import col
 
 from ray_app import storage, tracking
 from ray_app.bundle import BUNDLE_FILE
 from ray_app.config import AppConfig, save_config
 from ray_app.engine.scoring import PreparedRowScorer, refuse_other_data_shape, stage_options
 from ray_app.engine.train import latest_checkpoint_uri
-from ray_app.prepared import load_manifest, read_split
+from ray_app.prepared import load_manifest, ok_uri, read_split
 from ray_app.registry import resolve_model_uri
 from ray_app.workloads import get_workload
 
@@ -28,6 +29,38 @@ def evaluation_model_uri(config: AppConfig) -> str:
     return latest_checkpoint_uri(config)
 
 
+def _score_splits(config: AppConfig, workload: Any, model_uri: str, splits: tuple[str, ...]) -> dict[str, tuple[Any, Any, Any]]:
+    """split -> (labels, probabilities, groups or None) for the non-empty ones among ``splits``,
+    scored in one pass (one actor start-up, however many splits)."""
+    columns = [*workload.training_columns, *([workload.group_column] if workload.group_column else [])]
+    if len(splits) == 1:
+        rows = read_split(config.train_data_uri(), splits[0], columns)
+    else:
+        rows = ray.data.read_parquet(ok_uri(config.train_data_uri())).select_columns([*columns, "split"])
+        rows = rows.filter(expr=col("split").is_in(list(splits)))
+    scored = rows.map_batches(
+        PreparedRowScorer,
+        fn_constructor_kwargs={"bundle_uri": model_uri},
+        batch_size=config.evaluate.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=1),  # small held-out set: one warm actor beats two cold ones
+    )
+    parts: dict[str, dict[str, list]] = {}
+    for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+        batch_splits = batch["split"] if "split" in batch else np.full(len(batch["label"]), splits[0], dtype=object)
+        for split in set(batch_splits.tolist()):
+            mask = batch_splits == split
+            part = parts.setdefault(split, {"label": [], "probabilities": [], "group": []})
+            part["label"].append(batch["label"][mask])
+            part["probabilities"].append(np.stack(batch["probabilities"])[mask])
+            if "group" in batch:
+                part["group"].append(batch["group"][mask])
+    return {
+        split: (np.concatenate(p["label"]), np.concatenate(p["probabilities"]), np.concatenate(p["group"]) if p["group"] else None)
+        for split, p in parts.items()
+    }
+
+
 def run_evaluate(config: AppConfig) -> dict[str, Any]:
     workload = get_workload(config.workload)
     model_uri = evaluation_model_uri(config)
@@ -35,20 +68,19 @@ def run_evaluate(config: AppConfig) -> dict[str, Any]:
     # The model's recorded options; a contradicting flag is refused before anything is scored.
     options = stage_options(config.workload, "evaluate", config.options, model_uri)
     refuse_other_data_shape(config.workload, load_manifest(config.train_data_uri())["options"], model_uri)
-    scored = read_split(config.train_data_uri(), "test", workload.training_columns).map_batches(
-        PreparedRowScorer,
-        fn_constructor_kwargs={"bundle_uri": model_uri},
-        batch_size=config.evaluate.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=1),  # small held-out set: one warm actor beats two cold ones
-    )
-    labels, probabilities = [], []
-    for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
-        labels.append(batch["label"])
-        probabilities.append(np.stack(batch["probabilities"]))
-    if not labels:
+    # Medical evaluation: bootstrap CIs resample groups (patients), and decision thresholds are
+    # chosen on the validation split's scores, never on the test split they are reported on.
+    with_validation = workload.uses_validation_scores(bundle_info["manifest"])
+    scored = _score_splits(config, workload, model_uri, ("test", "val") if with_validation else ("test",))
+    if "test" not in scored:
         raise ValueError("the test split is empty: prepare with --test-fraction > 0")
-    report, figures = workload.evaluation_report(np.concatenate(labels), np.concatenate(probabilities), bundle_info["manifest"]["classes"])
+    labels, probabilities, groups = scored["test"]
+    context: dict[str, Any] = {}
+    if workload.group_column:
+        context["groups"] = groups
+    if with_validation:
+        context["validation"] = scored["val"][:2] if "val" in scored else None
+    report, figures = workload.evaluation_report(labels, probabilities, bundle_info["manifest"]["classes"], **context)
     report["model"] = model_uri
     # Ties the report to the exact weights it scored: register refuses it for any other checkpoint.
     report["weights_sha256"] = bundle_info["weights_sha256"]
@@ -64,6 +96,7 @@ def run_evaluate(config: AppConfig) -> dict[str, Any]:
     save_config(config, output, "evaluate")
     log.info("evaluate: accuracy %.4f on %d rows", report["accuracy"], report["rows"])
     summary_keys = ("rows", "accuracy", "macro_f1", "majority_class_accuracy", "auc", "log_loss", "model", "baseline", "true_model")
+    summary_keys += ("patients", "macro_auc", "micro_auc", "ece", "thresholds")  # clinical reports (workloads/clinical_metrics.py)
     # After the report is on storage: the training run's MLflow run gets the test metrics and files.
     tracked = tracking.log_evaluation(config, report, output, [REPORT_FILE, "confusion_matrix.json", *figures, "config.evaluate.yaml"])
     return {k: report[k] for k in summary_keys if k in report} | {"output": output, "tracking": tracked}

@@ -15,6 +15,11 @@ from ray_app.registry import ModelRegistry, RegistryError
 
 log = logging.getLogger(__name__)
 
+# Evaluation entries kept with a version. thresholds: multi-label decision thresholds chosen on the
+# validation split at evaluate; they become part of the version (load_bundle hands them to the workload).
+REGISTERED_EVALUATION = ("accuracy", "macro_f1", "auc", "log_loss", "rows", "baseline")
+REGISTERED_EVALUATION += ("macro_auc", "micro_auc", "ece", "patients", "thresholds", "threshold_rule")
+
 
 def run_register(config: AppConfig) -> dict[str, Any]:
     checkpoint = latest_checkpoint_uri(config)
@@ -26,9 +31,7 @@ def run_register(config: AppConfig) -> dict[str, Any]:
     metadata = {
         "run_name": config.train.run_name,
         "training_metrics": bundle_info["metrics"],
-        "evaluation": {k: evaluation[k] for k in ("accuracy", "macro_f1", "auc", "log_loss", "rows", "baseline") if k in evaluation}
-        if evaluation
-        else None,
+        "evaluation": {k: evaluation[k] for k in REGISTERED_EVALUATION if k in evaluation} if evaluation else None,
         "data": config.train_data_uri(),
         "data_fingerprint": data_fingerprint(config.train_data_uri()),
         "config": config.model_dump(mode="json"),

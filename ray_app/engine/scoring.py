@@ -53,7 +53,13 @@ class PreparedRowScorer:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         b = self.bundle
         inputs, targets = b.workload.collate(batch, b.options, b.manifest)
-        return {"label": targets.numpy(), "probabilities": b.predict_proba(inputs)}
+        scored = {"label": targets.numpy(), "probabilities": b.predict_proba(inputs)}
+        group = b.workload.group_column
+        if group and group in batch:  # e.g. the patient: evaluation resamples whole patients
+            scored["group"] = np.asarray([g if g is not None else "" for g in batch[group]], dtype=object)
+        if "split" in batch:  # several splits scored in one pass (evaluate: test + validation)
+            scored["split"] = batch["split"]
+        return scored
 
 
 class BatchPredictor:
@@ -83,6 +89,15 @@ class BatchPredictor:
                 rows["probability"][i] = float(probabilities[row, order[row, 0]])
                 rows["top_labels"][i] = [b.classes[c] for c in order[row]]
                 rows["top_probabilities"][i] = [float(probabilities[row, c]) for c in order[row]]
+        # Multi-label findings at or above their thresholds; asked on an empty array too, so every
+        # batch of one run has the same columns even when all its rows are rejects.
+        findings = b.workload.predicted_sets(np.zeros((0, len(b.classes))) if probabilities is None else probabilities)
+        extra: dict[str, Any] = {}
+        if findings is not None:
+            column: list[Any] = [None] * len(ids)
+            for row, i in enumerate(good[: len(findings)]):
+                column[i] = findings[row]
+            extra["findings"] = pa.array(column, pa.list_(pa.string()))
         return pa.table(
             {
                 b.workload.id_column: ids,
@@ -93,5 +108,6 @@ class BatchPredictor:
                 "model_version": [str(b.info.get("version", b.info.get("run_name", "")))] * len(ids),
                 "status": [STATUS_OK if r is None else STATUS_REJECTED for r in reasons],
                 "reject_reason": pa.array(reasons, pa.string()),
+                **extra,
             }
         )

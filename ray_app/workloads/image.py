@@ -6,15 +6,17 @@ Ray Data decode actors start without paying for it.
 from __future__ import annotations
 
 import io
+import logging
 import zipfile
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from ray_app import storage
+from ray_app.workloads import dicom, medical_labels
 from ray_app.workloads.base import (
     DATA,
     MODEL,
@@ -30,6 +32,8 @@ from ray_app.workloads.base import (
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 NPZ_SPLITS = {"train": "train", "val": "val", "test": "test"}  # MedMNIST key prefixes -> our splits
 # Formats Pillow may open. Every other decoder Pillow ships (TIFF, GIF, PSD, ICO, ...) is attack
@@ -50,6 +54,9 @@ PREPARED_SCHEMA = pa.schema(
         ("image", pa.binary()),  # uint8 C×H×W, shape recorded in the manifest
         ("status", pa.string()),
         ("reject_reason", pa.string()),
+        # Salted hashes (medical_labels.pseudonym), never the ids themselves; null when unknown.
+        ("patient", pa.string()),
+        ("study", pa.string()),
     ]
 )
 
@@ -66,6 +73,23 @@ class ImageOptions(BaseModel):
         description="width x height above which an image is rejected from its header, before decoding",
     )
     width: int = Field(16, gt=0, description="channels of the first ResNet stage (doubles twice)")
+    # Medical imaging (DICOM, label manifests, patients): see workloads/dicom.py and medical_labels.py.
+    window: list[str] = Field(
+        default_factory=lambda: ["file"],
+        description="DICOM window: 'file' (the file's Window Center/Width), 'minmax', a preset "
+        f"({', '.join(dicom.WINDOW_PRESETS)}) or 'C W' in modality units (HU for CT)",
+    )
+    labels_manifest: str | None = Field(None, description="CSV/Parquet of labels (path or SOPInstanceUID, label(s), PatientID, study)")
+    no_finding_label: str = Field("No Finding", description="in a multi-label manifest, the label that means no finding")
+    split_by: Literal["patient", "path"] = Field(
+        "patient", description="patient: all images of a patient in one split (PatientID from manifest or file); path: per file"
+    )
+    hash_paths: bool = Field(False, description="key rows without a SOPInstanceUID by a salted hash of the path, not the path")
+
+    @field_validator("window", mode="before")
+    @classmethod
+    def _window(cls, value: Any) -> list[str]:
+        return dicom.parse_window(value)
 
 
 def _to_chw(img: Image.Image, size: int, channels: int) -> np.ndarray:
@@ -76,7 +100,45 @@ def _to_chw(img: Image.Image, size: int, channels: int) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def decode_image(data: bytes, size: int, channels: int, max_bytes: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def _decode_dicom(data: bytes, size: int, channels: int, window: list[str] | None, max_pixels: int) -> dicom.DicomImage:
+    try:
+        return dicom.decode_dicom(data, size, channels, window or ["file"], max_pixels)
+    except dicom.DicomRejected as exc:
+        raise BadInput(str(exc)) from None
+
+
+def decision_thresholds(manifest: dict[str, Any]) -> list[float] | None:
+    """Per-finding thresholds saved with a multi-label model (chosen on the validation split at
+    evaluate); 0.5 until then."""
+    if manifest.get("task") != "multilabel":
+        return None
+    chosen = manifest.get("decision_thresholds", {}).get("thresholds", {})
+    return [float(chosen.get(name, 0.5)) for name in manifest["classes"]]
+
+
+def decode_file(data: bytes, options: ImageOptions, name: str = "") -> tuple[np.ndarray, dicom.DicomImage | None]:
+    """Any accepted file -> (uint8 C×H×W, the DICOM keys or None): what prepare and batch predict
+    need to key rows by SOPInstanceUID and split by patient."""
+    o = options
+    if not data:
+        raise BadInput("empty file")
+    if len(data) > o.max_file_bytes:
+        raise BadInput(f"file too large: {len(data)} bytes > limit {o.max_file_bytes}")
+    if dicom.has_preamble(data) or (name.lower().endswith(".dcm") and dicom.looks_like_raw_dicom(data)):
+        image = _decode_dicom(data, o.image_size, o.channels, o.window, o.max_pixels)
+        return image.chw, image
+    return decode_image(data, o.image_size, o.channels, o.max_file_bytes, o.max_pixels, o.window, name), None
+
+
+def decode_image(
+    data: bytes,
+    size: int,
+    channels: int,
+    max_bytes: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    window: list[str] | None = None,
+    name: str = "",
+) -> np.ndarray:
     """Encoded image bytes -> uint8 C×H×W. Raises BadInput with a reason a person can act on.
 
     Only the header is parsed before the limits are checked: an image over ``max_pixels`` or in a
@@ -86,7 +148,9 @@ def decode_image(data: bytes, size: int, channels: int, max_bytes: int, max_pixe
     if len(data) > max_bytes:
         raise BadInput(f"file too large: {len(data)} bytes > limit {max_bytes}")
     # Medical hook: DICOM (b"DICM" at byte 128) is dispatched here, before Pillow, to a pydicom
-    # decoder that applies the same ``max_pixels`` check to Rows x Columns x frames.
+    # decoder that applies the same ``max_pixels`` check to Rows x Columns of the decoded frame.
+    if dicom.has_preamble(data):
+        return _decode_dicom(data, size, channels, window, max_pixels).chw
     try:
         img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
         width, height = img.size
@@ -98,7 +162,9 @@ def decode_image(data: bytes, size: int, channels: int, max_bytes: int, max_pixe
     except BadInput:
         raise
     except UnidentifiedImageError:
-        raise BadInput(f"not an image in an accepted format ({', '.join(PIL_FORMATS)})") from None
+        if dicom.looks_like_raw_dicom(data) or name.lower().endswith(".dcm"):  # DICOM without preamble: a forced read
+            return _decode_dicom(data, size, channels, window, max_pixels).chw
+        raise BadInput(f"not an image in an accepted format ({', '.join(PIL_FORMATS)}, DICOM)") from None
     except Image.DecompressionBombError as exc:
         raise BadInput(f"image too large to decode safely: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -116,7 +182,9 @@ def pixel_statistics(prepared_uri: str, shape: list[int], sample_rows: int = 409
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    fs, path = storage.resolve(storage.join(prepared_uri, f"status={STATUS_OK}"))
+    from ray_app.prepared import ok_uri  # through the published version (a pointer on object stores)
+
+    fs, path = storage.resolve(ok_uri(prepared_uri))
     if fs.get_file_info(path).type.name == "NotFound":
         return None
     table = pads.dataset(path, filesystem=fs, format="parquet").head(sample_rows, columns=["image"], filter=pc.field("split") == "train")
@@ -170,6 +238,12 @@ class ImagePreparer:
         self.options = ImageOptions.model_validate(options)
         self.reader = _FileReader()
         self._npz_cache: tuple[str, Any] | None = None  # consecutive chunks hit the same file
+        self.split_fractions = manifest.get("split_fractions", (0.0, 0.0))
+        self.salt = medical_labels.patient_salt()
+        self.labels_by_uid: tuple[medical_labels.LabelManifest, dict[str, int]] | None = None
+        if manifest.get("label_manifest", {}).get("matched_by") == "sop_instance_uid":  # read once per actor
+            labels = medical_labels.read_label_manifest(self.options.labels_manifest, self.options.no_finding_label, self.salt)
+            self.labels_by_uid = (labels, labels.by_uid())
 
     def _npz(self, uri: str) -> Any:
         if self._npz_cache is None or self._npz_cache[0] != uri:
@@ -178,8 +252,8 @@ class ImagePreparer:
 
     def _rows(self, batch: dict[str, np.ndarray]):
         o = self.options
-        for kind, uri, label, split, start, stop in zip(
-            batch["kind"], batch["uri"], batch["label"], batch["split"], batch["start"], batch["stop"], strict=True
+        for position, (kind, uri, label, split, start, stop) in enumerate(
+            zip(batch["kind"], batch["uri"], batch["label"], batch["split"], batch["start"], batch["stop"], strict=True)
         ):
             if kind == "npz":
                 arrays = self._npz(uri)
@@ -197,20 +271,46 @@ class ImagePreparer:
                     except (TypeError, ValueError) as exc:
                         yield path, int(row_label), split, None, f"bad array image: {exc}"
                 continue
-            if label < 0:
-                yield uri, -1, split, None, "file is not inside a class folder"
-                continue
-            try:
-                data = self.reader.read(uri, o.max_file_bytes)
-                yield uri, int(label), split, decode_image(data, o.image_size, o.channels, o.max_file_bytes, o.max_pixels), None
-            except BadInput as exc:
-                yield uri, int(label), split, None, str(exc)
-            except OSError as exc:  # unreadable file (permissions, vanished): still a reject, not a crash
-                yield uri, int(label), split, None, f"cannot read file: {exc}"
+            yield self._file_row(str(uri), int(label), str(split), batch, position)
+
+    def _file_row(self, uri: str, label: int, split: str, batch: dict[str, np.ndarray], i: int) -> tuple:
+        """One file -> (key, label, split, chw, reason, patient, study). The key is the
+        SOPInstanceUID for DICOM, else the path (or its salted hash); patient and study are
+        pseudonyms from the labels manifest or, failing that, the DICOM header."""
+        o = self.options
+        patient = str(batch["patient"][i]) if "patient" in batch and batch["patient"][i] else None
+        study = str(batch["study"][i]) if "study" in batch and batch["study"][i] else None
+        path_key = medical_labels.row_key(uri, None, o.hash_paths, self.salt)
+        reject = str(batch["reject"][i]) if "reject" in batch and batch["reject"][i] else None
+        if reject or (label < 0 and label != medical_labels.LABEL_BY_UID):
+            return path_key, -1, split, None, reject or "file is not inside a class folder", patient, study
+        try:
+            chw, info = decode_file(self.reader.read(uri, o.max_file_bytes), o, uri)
+        except BadInput as exc:
+            return path_key, label, split, None, str(exc), patient, study
+        except OSError as exc:  # unreadable file (permissions, vanished): still a reject, not a crash
+            return path_key, label, split, None, f"cannot read file: {exc}", patient, study
+        key = medical_labels.row_key(uri, info.sop_instance_uid if info else None, o.hash_paths, self.salt)
+        if label == medical_labels.LABEL_BY_UID:
+            labels, by_uid = self.labels_by_uid
+            row = by_uid.get(info.sop_instance_uid) if info and info.sop_instance_uid else None
+            if row is None or labels.labels[row] < 0:
+                reason = medical_labels.NO_MANIFEST_ROW if row is None else "labels manifest row has no label"
+                return key, -1, split, None, reason, patient, study
+            label, patient, study = labels.labels[row], labels.patients[row], labels.studies[row]
+        if info is not None:
+            patient = patient or (medical_labels.pseudonym(info.patient_id, self.salt) if info.patient_id else None)
+            study = study or (medical_labels.pseudonym(info.study_uid, self.salt, "s") if info.study_uid else None)
+        if patient and o.split_by == "patient":
+            split = medical_labels.patient_split(patient, *self.split_fractions)
+        return key, label, split, chw, None, patient, study
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         columns: dict[str, list] = {name: [] for name in PREPARED_SCHEMA.names}
-        for path, label, split, chw, reason in self._rows(batch):
+        for path, label, split, chw, reason, *ids in self._rows(batch):
+            patient, study = ids or (None, None)  # .npz rows carry no patient
+            columns["patient"].append(patient)
+            columns["study"].append(study)
             columns["path"].append(path)
             columns["label"].append(label)
             columns["split"].append(split)
@@ -232,9 +332,15 @@ class ImageWorkload(Workload):
         "width": MODEL,
         "max_file_bytes": frozenset({"prepare", "predict"}),
         "max_pixels": frozenset({"prepare", "predict"}),
+        "window": DATA,  # the windowing a model was trained on is the one predict and serve apply
+        "labels_manifest": DATA,
+        "no_finding_label": DATA,
+        "split_by": DATA,
+        "hash_paths": frozenset({"prepare", "predict"}),
     }
     training_columns: ClassVar[list[str]] = ["image", "label"]
     id_column: ClassVar[str] = "path"
+    group_column: ClassVar[str | None] = "patient"
 
     def read_prepare_inputs(
         self, input_uri: str, options: ImageOptions, val_fraction: float, test_fraction: float, rows_per_block: int = 256
@@ -247,11 +353,14 @@ class ImageWorkload(Workload):
         # Class folders list class by class: write the rows in a stable hash order instead.
         files = [files[i] for i in stable_order([f.path[len(root) + 1 :] for f in files])]
         relative = [f.path[len(root) + 1 :] for f in files]
+        uris = [file_uri(input_uri, f.path) for f in files]
+        if options.labels_manifest:
+            return self._list_with_label_manifest(uris, relative, options, val_fraction, test_fraction, rows_per_block)
         classes = sorted({rel.split("/", 1)[0] for rel in relative if "/" in rel})
         class_index = {name: i for i, name in enumerate(classes)}
         items = {
             "kind": ["file"] * len(files),
-            "uri": [file_uri(input_uri, f.path) for f in files],
+            "uri": uris,
             "label": [class_index.get(rel.split("/", 1)[0], -1) if "/" in rel else -1 for rel in relative],
             "split": [assign_split(rel, val_fraction, test_fraction) for rel in relative],
             "start": [0] * len(files),
@@ -260,7 +369,7 @@ class ImageWorkload(Workload):
         return PrepareInputs(
             arrow_blocks(pa.table(items), rows_per_block),
             rows_in=len(files),
-            manifest=self._manifest(classes, options),
+            manifest={**self._manifest(classes, options), **self._patient_facts(val_fraction, test_fraction)},
             batch_size=rows_per_block,
         )
 
@@ -292,6 +401,31 @@ class ImageWorkload(Workload):
         return PrepareInputs(arrow_blocks(pa.table(items), 1), rows_in=rows_in, manifest=self._manifest(classes, options), batch_size=1)
 
     @staticmethod
+    def _patient_facts(val_fraction: float, test_fraction: float) -> dict[str, Any]:
+        """What the actors need to split by patient, and a salt fingerprint (never the salt)."""
+        salt = medical_labels.patient_salt()
+        return {
+            "split_fractions": [val_fraction, test_fraction],
+            "patient_salt": {"fingerprint": medical_labels.salt_fingerprint(salt), "public": salt == medical_labels.PUBLIC_SALT},
+        }
+
+    def _list_with_label_manifest(
+        self, uris: list[str], relative: list[str], options: ImageOptions, val_fraction: float, test_fraction: float, rows_per_block: int
+    ) -> PrepareInputs:
+        items, report, labels = medical_labels.list_manifest_items(
+            options.labels_manifest, uris, relative, options.no_finding_label, options.split_by, val_fraction, test_fraction
+        )
+        if report.get("rows_missing_file") or report.get("files_without_row"):
+            log.warning("labels manifest: %s", report)  # counts only: paths may carry names
+        manifest = {
+            **self._manifest(labels.classes, options),
+            **self._patient_facts(val_fraction, test_fraction),
+            "label_manifest": report,
+            "task": "multilabel" if labels.multilabel else "multiclass",
+        }
+        return PrepareInputs(arrow_blocks(pa.table(items), rows_per_block), rows_in=len(uris), manifest=manifest, batch_size=rows_per_block)
+
+    @staticmethod
     def _manifest(classes: list[str], options: ImageOptions) -> dict[str, Any]:
         return {"classes": classes, "shape": [options.channels, options.image_size, options.image_size]}
 
@@ -305,6 +439,11 @@ class ImageWorkload(Workload):
         from ray_app.workloads.image_model import SmallResNet
 
         stats = manifest.get("pixel_stats", {})
+        # Each loaded bundle gets its own workload instance (get_workload), so the task and the
+        # decision thresholds that came with this model can live here for probabilities/format_response.
+        self.multilabel = manifest.get("task") == "multilabel"
+        self.thresholds = decision_thresholds(manifest)
+        self.classes = manifest["classes"]
         return SmallResNet(
             channels=options.channels,
             num_classes=len(manifest["classes"]),
@@ -319,8 +458,55 @@ class ImageWorkload(Workload):
 
         shape = manifest["shape"]
         images = np.frombuffer(b"".join(batch["image"]), dtype=np.uint8).reshape(len(batch["image"]), *shape)
-        targets = torch.tensor(batch["label"], dtype=torch.long) if "label" in batch else None
+        targets = None
+        if "label" in batch and manifest.get("task") == "multilabel":  # bit mask -> multi-hot floats for BCE
+            bits = (np.asarray(batch["label"], np.int64)[:, None] >> np.arange(len(manifest["classes"]))) & 1
+            targets = torch.from_numpy(bits.astype(np.float32))
+        elif "label" in batch:
+            targets = torch.tensor(batch["label"], dtype=torch.long)
         return torch.from_numpy(images.copy()), targets
+
+    # Multi-label findings (collate gives float multi-hot targets): sigmoid outputs, BCE loss.
+    multilabel: bool = False
+    thresholds: list[float] | None = None
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        if targets.is_floating_point():
+            return torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), targets)
+        return super().loss(logits, targets)
+
+    def correct(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if targets.is_floating_point():  # exact match over all findings
+            return ((logits > 0) == (targets > 0.5)).all(dim=1).sum()
+        return super().correct(logits, targets)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        return torch.sigmoid(logits.float()) if self.multilabel else super().probabilities(logits)
+
+    def evaluation_report(self, labels: np.ndarray, probabilities: np.ndarray, classes: list[str], **context: Any):
+        groups = context.get("groups")
+        if labels.ndim == 2 or (groups is not None and any(groups)):  # findings, or patients known
+            from ray_app.plots import confusion_matrix
+            from ray_app.workloads.clinical_metrics import clinical_report
+
+            report, figures = clinical_report(labels, probabilities, classes, **context)
+            if "confusion_matrix" in report:
+                figures["confusion_matrix.png"] = confusion_matrix(report["confusion_matrix"], classes)
+            return report, figures
+        return super().evaluation_report(labels, probabilities, classes)
+
+    def predicted_sets(self, probabilities: np.ndarray) -> list[list[str]] | None:
+        if not self.multilabel:
+            return None
+        above = probabilities >= np.asarray(self.thresholds)
+        return [[self.classes[c] for c in np.flatnonzero(row)] for row in above]
+
+    def uses_validation_scores(self, manifest: dict[str, Any]) -> bool:
+        return manifest.get("task") == "multilabel"  # decision thresholds are chosen on validation
 
     def read_predict_inputs(self, input_uri: str, options: ImageOptions, batch_size: int):
         input_uri = storage.normalize(input_uri)
@@ -331,22 +517,28 @@ class ImageWorkload(Workload):
 
     def load_predict_batch(self, batch, options: ImageOptions, manifest):
         reader = self._reader
+        salt = medical_labels.patient_salt()
         items, ids, reasons = [], [], []
         for path in batch["path"]:
-            ids.append(path)
+            path = str(path)
             try:
-                items.append(self.decode_item(reader.read(path, options.max_file_bytes), options, manifest))
+                chw, info = decode_file(reader.read(path, options.max_file_bytes), options, path)
+                # Keyed by SOPInstanceUID for DICOM (paths often carry patient names).
+                ids.append(medical_labels.row_key(path, info.sop_instance_uid if info else None, options.hash_paths, salt))
+                items.append(chw)
                 reasons.append(None)
+                continue
             except BadInput as exc:
-                items.append(None)
                 reasons.append(str(exc))
             except OSError as exc:
-                items.append(None)
                 reasons.append(f"cannot read file: {exc}")
+            items.append(None)
+            ids.append(medical_labels.row_key(path, None, options.hash_paths, salt))
         return items, ids, reasons
 
     def decode_item(self, payload: bytes, options: ImageOptions, manifest) -> np.ndarray:
-        return decode_image(payload, options.image_size, options.channels, options.max_file_bytes, options.max_pixels)
+        # PNG, JPEG or DICOM (raw or multipart), windowed with the options the model was trained on.
+        return decode_file(payload, options)[0]
 
     def decode_request(
         self, payload: bytes, options: ImageOptions, manifest, max_items: int | None = None
@@ -354,6 +546,13 @@ class ImageWorkload(Workload):
         return [(self.decode_item(payload, options, manifest), {})]
 
     def format_response(self, probabilities: list[np.ndarray], extras, classes: list[str], top_k: int) -> dict[str, Any]:
+        if self.multilabel:  # every finding's probability, and the findings at or above their threshold
+            p, thresholds = probabilities[0], self.thresholds or [0.5] * len(classes)
+            return {
+                "probabilities": {name: round(float(p[i]), 6) for i, name in enumerate(classes)},
+                "findings": [name for i, name in enumerate(classes) if p[i] >= thresholds[i]],
+                "thresholds": dict(zip(classes, thresholds, strict=True)),
+            }
         order = np.argsort(-probabilities[0])[:top_k]
         return {"predictions": [{"label": classes[i], "probability": round(float(probabilities[0][i]), 6)} for i in order]}
 
