@@ -201,7 +201,14 @@ class Tracker:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
-            metrics = [Metric(k, v, now, step) for step, values in rows for k, v in values.items()]
+            pending = list(rows)
+            if pending and pending[0][1]:
+                # A resumed run or a re-run sweep logs its whole history again: keep only steps
+                # MLflow does not have yet, so each epoch appears once.
+                probe = next(iter(pending[0][1]))
+                logged = {m.step for m in self.client().get_metric_history(target, probe)}
+                pending = [(step, values) for step, values in pending if step not in logged]
+            metrics = [Metric(k, v, now, step) for step, values in pending for k, v in values.items()]
             for start in range(0, len(metrics), 1000):
                 self.client().log_batch(target, metrics=metrics[start : start + 1000])
 

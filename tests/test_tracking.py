@@ -64,6 +64,7 @@ def test_train_evaluate_register_land_in_one_run_read_back_by_mlflow_client(tmp_
     # A resumed train of the same run name adds to the same MLflow run (params are write-once).
     again = tracking.log_training(config, summary)
     assert again["run_id"] == trained["run_id"] and again["warnings"] == []
+    assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 2  # each epoch once
 
 
 def test_a_dead_tracking_server_is_a_warning_and_the_run_files_stay(tmp_path):
