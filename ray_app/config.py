@@ -158,7 +158,9 @@ class TuneConfig(_Section):
     @field_validator("search_space", mode="before")
     @classmethod
     def _search_space(cls, value: Any) -> Any:
-        # The CLI hands the flag's text over as is: it is YAML (JSON included).
+        # The CLI hands the flag's text over as is (a one-item list: the flag takes nargs): YAML or JSON.
+        if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
+            value = value[0]
         return yaml.safe_load(value) if isinstance(value, str) else value
 
 

@@ -189,8 +189,9 @@ class Tracker:
 
         self.call("log params", log_all)
 
-    def log_metrics(self, rows: Iterable[tuple[int, dict[str, float]]], run_id: str | None = None) -> None:
-        """``(step, {name: value})`` rows, e.g. one per epoch."""
+    def log_metrics(self, rows: Iterable[tuple[int, dict[str, float]]], run_id: str | None = None, only_new_steps: bool = False) -> None:
+        """``(step, {name: value})`` rows, e.g. one per epoch. ``only_new_steps``: a resumed run or
+        a re-run sweep logs its whole history again; keep only the steps MLflow does not have."""
         target = run_id or self.run_id
         if not target:
             return
@@ -202,9 +203,7 @@ class Tracker:
 
             now = int(time.time() * 1000)
             pending = list(rows)
-            if pending and pending[0][1]:
-                # A resumed run or a re-run sweep logs its whole history again: keep only steps
-                # MLflow does not have yet, so each epoch appears once.
+            if only_new_steps and pending and pending[0][1]:
                 probe = next(iter(pending[0][1]))
                 logged = {m.step for m in self.client().get_metric_history(target, probe)}
                 pending = [(step, values) for step, values in pending if step not in logged]
@@ -259,7 +258,7 @@ def log_training(config: AppConfig, summary: dict[str, Any]) -> dict[str, Any]:
     if tracker.active and tracker.open_run(config.train.run_name, run_uri, tags={"ray_app.stage": "train"}):
         tracker.log_params(flatten(config.model_dump(mode="json", exclude={"serve", "predict", "rollback", "tune"})))
         history = storage.read_json(storage.join(run_uri, "history.json"))
-        tracker.log_metrics(history_rows(history))
+        tracker.log_metrics(history_rows(history), only_new_steps=True)
         tracker.set_tags({"ray_app.checkpoint": summary["checkpoint"], "ray_app.epochs_completed": summary["epochs_completed"]})
         tracker.log_files(run_uri, TRAIN_ARTIFACTS)
         tracker.finish_run()
