@@ -112,6 +112,10 @@ class Tracker:
                 os.makedirs(os.path.dirname(self.uri.removeprefix("sqlite:///")), exist_ok=True)
             from mlflow import MlflowClient
 
+            # A stage prints its progress lines only (ray_app.progress): MLflow's own INFO lines
+            # (e.g. creating the SQLite tables) and Alembic's migrations stay off the console.
+            for name in ("mlflow", "alembic"):
+                logging.getLogger(name).setLevel(logging.WARNING)
             self._client = MlflowClient(tracking_uri=self.uri)
         return self._client
 

@@ -1,4 +1,4 @@
-"""`ray-app image tune`: a real Ray Tune sweep (ASHA) over the train loop on ~200 real digits, 1 worker
+"""`ray-app image tune`: a real Ray Tune sweep (ASHA) over the train loop on ~300 real digits, 1 worker
 per trial, 2 trials at a time; the best trial is evaluated and registered, every trial is an MLflow
 child run. One learning rate is far too high: ASHA stops it at the first rung on its worse metric."""
 
@@ -27,7 +27,7 @@ SPACE = {"lr": {"grid": LEARNING_RATES}, "width": {"choice": [4]}, "batch_size":
 def sweep(ray_session, tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("tune")
     images = str(folder / "digits")
-    write_image_folders(images, limit=200, broken=False)
+    write_image_folders(images, limit=300, broken=False)
     workspace = str(folder / "ws")
     run_cli(["image", "prepare", "--workspace", workspace, "--input", images])
     common = ["--workspace", workspace, "--set", "train.num_workers=1", "--search-space", json.dumps(SPACE)]
