@@ -54,7 +54,8 @@ def test_rerun_with_same_name_resumes_from_last_checkpoint(prepared_workspace):
 
 
 def _checkpoints(run_dir: str) -> list[str]:
-    return sorted(name for name in os.listdir(run_dir) if name.startswith("checkpoint_"))
+    # Checkpoint folders only (Ray's checkpoint_manager_snapshot.json shares the prefix).
+    return sorted(n for n in os.listdir(run_dir) if n.startswith("checkpoint_") and os.path.isdir(os.path.join(run_dir, n)))
 
 
 def test_finished_run_returns_at_once_and_changed_runs_are_refused(prepared_workspace, tmp_path):
