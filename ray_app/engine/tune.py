@@ -172,7 +172,9 @@ def run_tune(config: AppConfig) -> dict[str, Any]:
                 scheduler=scheduler,
                 num_samples=sweep.num_samples,
                 max_concurrent_trials=concurrent,
-                search_alg=tune.search.BasicVariantGenerator(random_state=sweep.seed),
+                # The limit must sit on the search algorithm itself: given an explicit one, Tune
+                # ran all 3 trials of a grid at once on 2 CPUs (Ray Data then had no CPU left).
+                search_alg=tune.search.BasicVariantGenerator(random_state=sweep.seed, max_concurrent=concurrent),
             ),
             run_config=tune.RunConfig(name=sweep.name, storage_path=sweep_root, verbose=0),
         )
