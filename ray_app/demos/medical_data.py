@@ -92,7 +92,8 @@ def write_dicom(path: str, pixels: np.ndarray, spec: DicomSpec) -> str:
     data = stored if len(frames) > 1 else stored[0]
     ds.PixelData = data.tobytes()
     if syntax.is_compressed:
-        ds.compress(syntax, data, encoding_plugin="pylibjpeg" if "2000" in syntax.name else "")
+        # Keep the UID the manifest names: pydicom gives a compressed copy a new SOPInstanceUID by default.
+        ds.compress(syntax, data, encoding_plugin="pylibjpeg" if "2000" in syntax.name else "", generate_instance_uid=False)
     elif syntax == ImplicitVRLittleEndian:
         pass
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
