@@ -36,6 +36,7 @@ def sweep(ray_session, tmp_path_factory) -> dict:
     return {"workspace": workspace, "summary": summary, "common": common, "flags": flags}
 
 
+@pytest.mark.tune_sweep
 def test_tune_stops_the_diverging_trial_early_and_registers_the_best(sweep):
     summary, workspace = sweep["summary"], sweep["workspace"]
     trials = storage.read_json(os.path.join(summary["output"], "results.json"))
@@ -95,6 +96,7 @@ def test_tune_stops_the_diverging_trial_early_and_registers_the_best(sweep):
     assert recorded["run_id"] == best_child.info.run_id
 
 
+@pytest.mark.tune_sweep
 def test_rerunning_a_sweep_restores_it_instead_of_training_again(sweep):
     """The same --name restores the experiment (Tuner.restore): finished trials are not re-run."""
     again = run_cli(["image", "tune", *sweep["common"], *sweep["flags"], "--no-register-best"])
