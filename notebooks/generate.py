@@ -265,12 +265,11 @@ TEXT = [
         "md",
         "## Train (Ray Train, 2 workers)\n\n"
         "Fine-tune MiniLM (mean pooling + a linear head) with DDP over two workers: AdamW, lr 1e-4 with "
-        "warm-up, one epoch. `--baseline-train-rows 0` skips the frozen-embedding baseline that evaluate "
-        "otherwise fits in the same run (`make demo-text` shows it; on about 20 test rows it would say little).",
+        "warm-up, one epoch.",
     ),
     (
         "code",
-        'trained = stage("train", "--run-name", "nb", "--epochs", "1", "--num-workers", "2", "--batch-size", "16", "--baseline-train-rows", "0")\n'
+        'trained = stage("train", "--run-name", "nb", "--epochs", "1", "--num-workers", "2", "--batch-size", "16")\n'
         "print(f\"{trained['epochs_completed']} epoch(s) in {trained['seconds']} s\")\n"
         'print({k: round(v, 4) for k, v in trained["metrics"].items() if isinstance(v, float)})',
     ),
@@ -278,11 +277,13 @@ TEXT = [
     ("code", CURVES),
     (
         "md",
-        "## Evaluate\n\nAccuracy on the held-out split, next to the share of its majority class, and the confusion matrix.",
+        "## Evaluate\n\nAccuracy on the held-out split, next to the share of its majority class, and the confusion matrix. "
+        "`--baseline-train-rows 0` skips the frozen-embedding baseline that evaluate otherwise fits in the same run "
+        "(`make demo-text` shows it; on about 20 test rows it would say little).",
     ),
     (
         "code",
-        'evaluated = stage("evaluate", "--run-name", "nb")\n'
+        'evaluated = stage("evaluate", "--run-name", "nb", "--baseline-train-rows", "0")\n'
         "print(f\"test accuracy: {evaluated['accuracy']:.3f} (majority class: {evaluated['majority_class_accuracy']:.3f}, {evaluated['rows']} test rows)\")",
     ),
     ("code", CONFUSION),
