@@ -183,3 +183,28 @@ def test_identifying_tags_are_never_parsed():
     assert not {"PatientName", "PatientBirthDate", "PatientAddress", "OtherPatientIDs"} & set(dicom.READ_TAGS)
     image = dicom.decode_dicom(data, 28, 1, ["file"])
     assert "CompressedSamples" not in repr({k: v for k, v in vars(image).items() if k != "chw"})
+
+
+def test_an_unreadable_file_is_rejected_without_its_path(tmp_path, digits):
+    # Export folders carry patient names; with --hash-paths the reject reason must not bring the
+    # path back (an OSError's message names the file). The file vanished between listing and reading.
+    from ray_app.workloads.image import ImagePreparer, ImageWorkload
+
+    folder = tmp_path / "Doe^Jane_19700101"
+    present = write_dicom(str(folder / "a.dcm"), digits[0], DicomSpec(bits=8, patient_id="PX-1"))
+    missing = str(folder / "b.dcm")
+    options = ImageOptions(hash_paths=True).model_dump()
+    batch = {
+        "kind": np.array(["file", "file"], dtype=object),
+        "uri": np.array([present, missing], dtype=object),
+        "label": np.array([0, 0]),
+        "split": np.array(["train", "train"], dtype=object),
+        "start": np.array([0, 0]),
+        "stop": np.array([0, 0]),
+    }
+    rows = ImagePreparer(options, {"split_fractions": [0.0, 0.0]})(batch).to_pylist()
+    assert rows[0]["status"] == "ok" and rows[1]["status"] == "rejected"
+    assert rows[1]["reject_reason"] == "cannot read file: No such file or directory"
+    assert "Doe" not in repr(rows[1])
+    items, ids, reasons = ImageWorkload().load_predict_batch({"path": [present, missing]}, ImageOptions(**options), {})
+    assert items[1] is None and reasons[1] == "cannot read file: No such file or directory" and "Doe" not in ids[1]

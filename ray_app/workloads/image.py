@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import zipfile
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -171,6 +172,13 @@ def decode_image(
         raise BadInput(f"corrupt or truncated image: {exc}") from None
 
 
+def read_failure(exc: OSError) -> str:
+    """The reject reason for a file that could not be read, without the path an OSError's message
+    carries: export folders are often named after the patient, and the row's key already says which
+    file it was (hashed with --hash-paths)."""
+    return f"cannot read file: {os.strerror(exc.errno) if exc.errno else type(exc).__name__}"
+
+
 def file_uri(input_uri: str, fs_path: str) -> str:
     """Re-attach the scheme that pyarrow strips from remote paths."""
     return f"{input_uri.split('://', 1)[0]}://{fs_path}" if storage.is_remote(input_uri) else fs_path
@@ -289,7 +297,7 @@ class ImagePreparer:
         except BadInput as exc:
             return path_key, label, split, None, str(exc), patient, study
         except OSError as exc:  # unreadable file (permissions, vanished): still a reject, not a crash
-            return path_key, label, split, None, f"cannot read file: {exc}", patient, study
+            return path_key, label, split, None, read_failure(exc), patient, study
         key = medical_labels.row_key(uri, info.sop_instance_uid if info else None, o.hash_paths, self.salt)
         if label == medical_labels.LABEL_BY_UID:
             labels, by_uid = self.labels_by_uid
@@ -531,7 +539,7 @@ class ImageWorkload(Workload):
             except BadInput as exc:
                 reasons.append(str(exc))
             except OSError as exc:
-                reasons.append(f"cannot read file: {exc}")
+                reasons.append(read_failure(exc))
             items.append(None)
             ids.append(medical_labels.row_key(path, None, options.hash_paths, salt))
         return items, ids, reasons
