@@ -32,6 +32,7 @@ What happens to a file, in order:
 
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass
 from typing import Any
@@ -156,26 +157,48 @@ def _read(data: bytes) -> Any:
     return ds
 
 
-def _check_decodable(ds: Any, max_pixels: int) -> None:
-    from pydicom.pixels import get_decoder
+# A study set holds a handful of SOP classes and transfer syntaxes: what each one means is looked
+# up once per process (pydicom's UID names and decoder registry cost more than decoding a small frame).
+@functools.lru_cache(maxsize=256)
+def _non_image_sop_class(uid: str) -> str | None:
+    """The SOP class's name when it is not an image storage class, else None."""
+    from pydicom.uid import UID
 
-    sop_class = ds.get("SOPClassUID")
-    sop_name = sop_class.name if sop_class is not None else None
+    sop_class = UID(uid)
+    name = sop_class.name
     # Every image storage class has "Image Storage" in its name (CT, MR, CR, DX, MG, US, SC, the
     # enhanced and multi-frame variants); RT Dose and Segmentation carry pixels but are not images.
-    if sop_name and sop_class.is_valid and "Image Storage" not in sop_name and sop_name != str(sop_class):
-        raise DicomRejected(f"non-image SOP class: {sop_name}")
-    if "PixelData" not in ds:
-        raise DicomRejected(f"DICOM file has no pixel data (SOP class {sop_name or 'unknown'})")
-    syntax = ds.file_meta.TransferSyntaxUID
+    if name and sop_class.is_valid and "Image Storage" not in name and name != uid:
+        return name
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _undecodable_syntax(uid: str) -> str | None:
+    """Why pixel data in this transfer syntax cannot be decoded here, or None when it can."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import UID
+
+    syntax = UID(uid)
     try:
         decoder = get_decoder(syntax)
     except NotImplementedError:
-        raise DicomRejected(f"unsupported transfer syntax: {syntax.name} ({syntax})") from None
+        return f"unsupported transfer syntax: {syntax.name} ({syntax})"
     if not decoder.is_available:
-        raise DicomRejected(
-            f"no installed decoder for transfer syntax {syntax.name} ({syntax}): pip install pylibjpeg-libjpeg pylibjpeg-openjpeg"
-        )
+        return f"no installed decoder for transfer syntax {syntax.name} ({syntax}): pip install pylibjpeg-libjpeg pylibjpeg-openjpeg"
+    return None
+
+
+def _check_decodable(ds: Any, max_pixels: int) -> None:
+    sop_class = ds.get("SOPClassUID")
+    non_image = _non_image_sop_class(str(sop_class)) if sop_class else None
+    if non_image:
+        raise DicomRejected(f"non-image SOP class: {non_image}")
+    if "PixelData" not in ds:
+        raise DicomRejected(f"DICOM file has no pixel data (SOP class {sop_class.name if sop_class else 'unknown'})")
+    undecodable = _undecodable_syntax(str(ds.file_meta.TransferSyntaxUID))
+    if undecodable:
+        raise DicomRejected(undecodable)
     rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     if rows <= 0 or columns <= 0:
         raise DicomRejected("DICOM image has no Rows/Columns")
@@ -219,12 +242,23 @@ def _modality_lut(pixels: np.ndarray, ds: Any) -> np.ndarray:
 
         return apply_modality_lut(pixels, ds).astype(np.float32)
     slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
-    out = pixels.astype(np.float32)
+    out = pixels.astype(np.float32)  # a new array: the in-place steps below never touch the decoded one
     if slope is not None and float(slope) != 1.0:
         out *= np.float32(float(slope))
     if intercept is not None and float(intercept) != 0.0:
         out += np.float32(float(intercept))
     return out
+
+
+def _window_to_unit(values: np.ndarray, low: float, high: float, invert: bool) -> np.ndarray:
+    """Modality values -> [0, 1] through the window, in place on ``values`` (float32, owned here):
+    one pass per step and no temporaries, which at 224×224 is most of the arithmetic's cost."""
+    values -= np.float32(low)
+    values *= np.float32(1.0 / (high - low))
+    np.clip(values, 0.0, 1.0, out=values)
+    if invert:  # MONOCHROME1: 1 - x
+        np.subtract(np.float32(1.0), values, out=values)
+    return values
 
 
 def _to_unit_colour(pixels: np.ndarray, ds: Any) -> np.ndarray:
@@ -248,7 +282,10 @@ def _resize_unit(unit: np.ndarray, size: int) -> np.ndarray:
         unit = np.asarray(
             Image.fromarray(np.ascontiguousarray(unit, dtype=np.float32), mode="F").resize((size, size), Image.Resampling.BILINEAR)
         )
-    return np.clip(np.rint(unit * 255.0), 0, 255).astype(np.uint8)
+    scaled = unit * np.float32(255.0)  # float32 throughout (a float64 detour doubles the memory traffic)
+    np.rint(scaled, out=scaled)
+    np.clip(scaled, 0.0, 255.0, out=scaled)
+    return scaled.astype(np.uint8)
 
 
 def decode_dicom(data: bytes, size: int, channels: int, window: list[str], max_pixels: int = MAX_FRAME_PIXELS) -> DicomImage:
@@ -259,9 +296,11 @@ def decode_dicom(data: bytes, size: int, channels: int, window: list[str], max_p
     _check_decodable(ds, max_pixels)
     frames = int(ds.get("NumberOfFrames") or 1) if str(ds.get("NumberOfFrames") or "1").strip().isdigit() else 1
     try:
-        if frames > 1:
-            ds.pixel_array_options(index=frames // 2)  # decode the middle frame only
-        pixels = ds.pixel_array
+        # pydicom's own pixel_array function, not the Dataset property: the same decoders and
+        # validation, without the property's change tracking (two walks over the pixel module per call).
+        from pydicom.pixels import pixel_array
+
+        pixels = pixel_array(ds, index=frames // 2 if frames > 1 else None)  # multi-frame: the middle frame only
     except Exception as exc:  # noqa: BLE001 - decoders raise many types on corrupt pixel data
         # The first line only: plugin errors list every plugin tried, several lines long.
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -275,10 +314,7 @@ def decode_dicom(data: bytes, size: int, channels: int, window: list[str], max_p
             raise DicomRejected(f"unexpected pixel array shape {pixels.shape} for a single frame")
         values = _modality_lut(pixels, ds)
         low, high = window_bounds(values, ds, window)
-        unit = np.clip((values - low) / (high - low), 0.0, 1.0)
-        if photometric == "MONOCHROME1":
-            unit = 1.0 - unit
-        grey = _resize_unit(unit, size)
+        grey = _resize_unit(_window_to_unit(values, low, high, photometric == "MONOCHROME1"), size)
         chw = grey[None] if channels == 1 else np.repeat(grey[None], 3, axis=0)
     else:
         rgb = _to_unit_colour(pixels, ds)
