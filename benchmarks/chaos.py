@@ -149,7 +149,7 @@ def main() -> None:
 
     from ray_app.registry import ModelRegistry
     from ray_app.runtime import unused_loopback_port
-    from ray_app.serving.app import build_app
+    from ray_app.serving.app import compose_app
 
     root = tempfile.mkdtemp(prefix="chaos-")
     registry = build_registry(root, "tiny", 16)
@@ -165,7 +165,7 @@ def main() -> None:
     base = f"http://127.0.0.1:{port}"
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = app_args(models, hashlib.sha256(api_key.encode()).hexdigest())
-    serve.run(build_app(settings, loaders={"image": PoisonLoader(models)}), name=APP, route_prefix="/")
+    serve.run(compose_app(settings, loaders={"image": PoisonLoader(models)}), name=APP, route_prefix="/")
     wait_http(f"{base}/readyz")
     url = f"{base}/image/predict"
     closed_loop(url, lambda i: (bodies[i % len(bodies)], "image/png"), args.concurrency, 2, headers)  # warm-up

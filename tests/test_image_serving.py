@@ -17,7 +17,7 @@ from ray import serve
 from ray_app.config import ServeConfig
 from ray_app.demos.data import first_digit_file
 from ray_app.runtime import unused_loopback_port
-from ray_app.serving.app import build_app, start_http
+from ray_app.serving.app import compose_app, start_http
 from ray_app.serving.loaders import InMemoryLoader, untrained_model
 
 API_KEY = secrets.token_urlsafe(16)  # made per run; only its digest goes into the app
@@ -32,7 +32,7 @@ def endpoint(ray_session):
     image = {"max_body_bytes": 200_000, "min_replicas": 1, "max_replicas": 1}
     args = {"workloads": {"image": image}, "gateway": {"api_key_sha256": [hashlib.sha256(API_KEY.encode()).hexdigest()]}}
     loader = InMemoryLoader({"production": untrained_model("image", DIGITS, version=1)})
-    serve.run(build_app(args, loaders={"image": loader}), name="image", route_prefix="/image")
+    serve.run(compose_app(args, loaders={"image": loader}), name="image", route_prefix="/image")
     yield f"http://127.0.0.1:{port}/image/predict"
     serve.shutdown()
 

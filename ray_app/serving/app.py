@@ -70,10 +70,16 @@ def model_deployment(workload: str, s: ServeConfig, loader: ModelLoader) -> Appl
     return scaled(ModelServer, s, name=f"{workload}-model", user_config={"model": s.model}).bind(workload, s, loader)
 
 
-def build_app(args: dict[str, Any] | AppSettings, loaders: dict[str, ModelLoader] | None = None) -> Application:
+def build_app(args: dict[str, Any] | AppSettings) -> Application:
     """Serve config entry point (``import_path: ray_app.serving.app:build_app``); Python callers may
-    pass resolved ``AppSettings``. ``loaders`` (Python callers only) replaces the registry loader of
-    the workloads it names, e.g. with ``InMemoryLoader`` models in contract tests."""
+    pass resolved ``AppSettings``. Exactly one parameter: ``serve deploy``/``serve run`` refuse a
+    builder with any other (even an optional one), so injected loaders go through ``compose_app``."""
+    return compose_app(args)
+
+
+def compose_app(args: dict[str, Any] | AppSettings, loaders: dict[str, ModelLoader] | None = None) -> Application:
+    """``build_app`` for Python callers: ``loaders`` replaces the registry loader of the workloads it
+    names, e.g. with ``InMemoryLoader`` models in contract tests."""
     # Resolved here, in the process that reads the config, so replicas need not share its cwd.
     settings = app_settings(args).model_copy()
     settings.models = storage.normalize(settings.models)
