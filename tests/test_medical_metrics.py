@@ -43,9 +43,32 @@ def test_threshold_rules(scored):
     youden = choose_threshold(y, score, "youden")
     assert 0 < youden < 1
     t90 = choose_threshold(y, score, "sensitivity:0.9")
-    assert ((score >= t90) & (y == 1)).sum() / y.sum() >= 0.9
-    with pytest.raises(ValueError, match="unknown threshold rule"):
-        choose_threshold(y, score, "vibes")
+    sensitivity = lambda t: ((score >= t) & (y == 1)).sum() / y.sum()  # noqa: E731
+    specificity = lambda t: ((score < t) & (y == 0)).sum() / (y == 0).sum()  # noqa: E731
+    assert sensitivity(t90) >= 0.9
+    # The highest such threshold: the next score above it misses the target.
+    assert sensitivity(np.min(score[score > t90])) < 0.9
+    s95 = choose_threshold(y, score, "specificity:0.95")
+    assert specificity(s95) >= 0.95 and specificity(np.max(score[score < s95])) < 0.95  # the lowest one keeping it
+    assert s95 > youden > t90  # rule-in above the balanced point, screening below it
+    for bad in ("vibes", "sensitivity:1.5", "specificity:0"):
+        with pytest.raises(ValueError, match="threshold rule must be"):
+            choose_threshold(y, score, bad)
+
+
+def test_threshold_rule_is_an_evaluate_option():
+    from ray_app.workloads.base import OptionConflict
+    from ray_app.workloads.image import ImageOptions, ImageWorkload
+
+    assert ImageOptions().threshold_rule == "youden"
+    assert ImageOptions(threshold_rule="Sensitivity:0.95").threshold_rule == "sensitivity:0.95"
+    with pytest.raises(ValueError, match="threshold rule must be"):
+        ImageOptions(threshold_rule="sensitivity")
+    workload, recorded = ImageWorkload(), ImageOptions().model_dump()
+    given = {"threshold_rule": "specificity:0.9"}
+    assert workload.resolve_options("evaluate", given, recorded).threshold_rule == "specificity:0.9"
+    with pytest.raises(OptionConflict, match="no effect at prepare"):
+        workload.resolve_options("prepare", given, None)
 
 
 def test_ece_separates_calibrated_from_overconfident():

@@ -80,6 +80,8 @@ def run_evaluate(config: AppConfig) -> dict[str, Any]:
         context["groups"] = groups
     if with_validation:
         context["validation"] = scored["val"][:2] if "val" in scored else None
+        # A workload that chooses thresholds on validation has this per-run evaluate option.
+        context["threshold_rule"] = options.threshold_rule
     report, figures = workload.evaluation_report(labels, probabilities, bundle_info["manifest"]["classes"], **context)
     report["model"] = model_uri
     # Ties the report to the exact weights it scored: register refuses it for any other checkpoint.

@@ -4,25 +4,40 @@ of a drawn patient come together: images of one patient are not independent), av
 macro and micro AUC, sensitivity and specificity at a decision threshold chosen on the validation
 split by a named rule, calibration (ECE + reliability plot) and ROC curves as PNG.
 
-Threshold rules: ``youden`` (max sensitivity + specificity - 1) or ``sensitivity:0.9`` (the
-highest threshold that reaches that sensitivity on the validation split).
+Threshold rules (``--threshold-rule`` at evaluate): ``youden`` (max sensitivity + specificity - 1,
+the default), ``sensitivity:0.95`` (the highest threshold that reaches that sensitivity on the
+validation split: a screening test that must not miss) or ``specificity:0.95`` (the lowest
+threshold that keeps that specificity: a rule-in test that must not over-call).
+
+scipy and scikit-learn are imported where used: ``parse_threshold_rule`` validates the image
+workload's options, which decode actors build too, and they should not pay ~1 s of imports.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
-from scipy.stats import rankdata
-from sklearn import metrics as skm
 
 BOOTSTRAP_DRAWS = 1000
 CALIBRATION_BINS = 10
+THRESHOLD_RULE = re.compile(r"youden|(sensitivity|specificity):(0?\.\d+|1(\.0*)?)")
+
+
+def parse_threshold_rule(rule: str) -> str:
+    """``youden``, ``sensitivity:<target>`` or ``specificity:<target>`` (target in (0, 1])."""
+    rule = str(rule).strip().lower()
+    if not THRESHOLD_RULE.fullmatch(rule) or (rule != "youden" and float(rule.split(":")[1]) <= 0):
+        raise ValueError(f"threshold rule must be 'youden', 'sensitivity:<0..1>' or 'specificity:<0..1>'; got {rule!r}")
+    return rule
 
 
 def fast_auc(y: np.ndarray, score: np.ndarray) -> float:
     """ROC AUC via the Mann–Whitney rank sum (ties averaged): ~50x cheaper than sklearn per call,
     which matters for 1,000 bootstrap draws × every class."""
+    from scipy.stats import rankdata
+
     positives = int(y.sum())
     negatives = len(y) - positives
     if positives == 0 or negatives == 0:
@@ -71,17 +86,22 @@ def bootstrap_auc_ci(
 
 
 def choose_threshold(y: np.ndarray, score: np.ndarray, rule: str) -> float:
+    from sklearn import metrics as skm
+
+    rule = parse_threshold_rule(rule)
     if y.sum() == 0 or y.sum() == len(y):
         return 0.5
-    fpr, tpr, thresholds = skm.roc_curve(y, score)
+    # Every operating point (no collinear points dropped): a specificity target may fall on one.
+    fpr, tpr, thresholds = skm.roc_curve(y, score, drop_intermediate=False)
     thresholds = np.clip(thresholds, 0.0, 1.0)  # sklearn's first threshold is +inf
     if rule == "youden":
         return float(thresholds[int(np.argmax(tpr - fpr))])
-    if rule.startswith("sensitivity:"):
-        target = float(rule.split(":", 1)[1])
-        reaching = np.flatnonzero(tpr >= target)
+    kind, target = rule.split(":")
+    if kind == "sensitivity":  # thresholds fall along the curve: the first point reaching it is the highest threshold
+        reaching = np.flatnonzero(tpr >= float(target) - 1e-12)
         return float(thresholds[reaching[0]]) if len(reaching) else float(thresholds[-1])
-    raise ValueError(f"unknown threshold rule {rule!r}: use 'youden' or 'sensitivity:<0..1>'")
+    keeping = np.flatnonzero(1.0 - fpr >= float(target) - 1e-12)  # specificity: the last point keeping it
+    return float(thresholds[keeping[-1]])
 
 
 def expected_calibration_error(
@@ -117,6 +137,8 @@ def clinical_report(
     draws: int = BOOTSTRAP_DRAWS,
     seed: int = 0,
 ) -> tuple[dict[str, Any], dict[str, bytes]]:
+    from sklearn import metrics as skm
+
     multilabel = labels.ndim == 2
     truth = one_hot(labels, len(classes))
     n_classes = len(classes)
@@ -177,6 +199,7 @@ def clinical_report(
 
 def roc_curves_png(truth: np.ndarray, probabilities: np.ndarray, classes: list[str], per_class: dict[str, Any]) -> bytes:
     from matplotlib.figure import Figure
+    from sklearn import metrics as skm
 
     from ray_app.plots import _png
 

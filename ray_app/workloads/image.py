@@ -86,11 +86,23 @@ class ImageOptions(BaseModel):
         "patient", description="patient: all images of a patient in one split (PatientID from manifest or file); path: per file"
     )
     hash_paths: bool = Field(False, description="key rows without a SOPInstanceUID by a salted hash of the path, not the path")
+    threshold_rule: str = Field(
+        "youden",
+        description="how evaluate picks each finding's decision threshold on the validation split: 'youden', "
+        "'sensitivity:0.95' (screening: highest threshold reaching it) or 'specificity:0.95' (rule-in)",
+    )
 
     @field_validator("window", mode="before")
     @classmethod
     def _window(cls, value: Any) -> list[str]:
         return dicom.parse_window(value)
+
+    @field_validator("threshold_rule")
+    @classmethod
+    def _threshold_rule(cls, value: str) -> str:
+        from ray_app.workloads.clinical_metrics import parse_threshold_rule  # light: scipy/sklearn load where used
+
+        return parse_threshold_rule(value)
 
 
 def _to_chw(img: Image.Image, size: int, channels: int) -> np.ndarray:
@@ -345,6 +357,7 @@ class ImageWorkload(Workload):
         "no_finding_label": DATA,
         "split_by": DATA,
         "hash_paths": frozenset({"prepare", "predict"}),
+        "threshold_rule": frozenset({"evaluate"}),  # chosen thresholds are registered with the version from there
     }
     training_columns: ClassVar[list[str]] = ["image", "label"]
     id_column: ClassVar[str] = "path"
