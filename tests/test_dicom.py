@@ -208,3 +208,31 @@ def test_an_unreadable_file_is_rejected_without_its_path(tmp_path, digits):
     assert "Doe" not in repr(rows[1])
     items, ids, reasons = ImageWorkload().load_predict_batch({"path": [present, missing]}, ImageOptions(**options), {})
     assert items[1] is None and reasons[1] == "cannot read file: No such file or directory" and "Doe" not in ids[1]
+
+
+def test_the_window_trained_with_is_the_one_predict_and_serve_decode_with(tmp_path, digits):
+    # A CT whose own Window Center/Width (40/400, soft tissue) differs from the lung window the
+    # model is prepared with: batch predict and the endpoint must decode with lung, from the
+    # bundle alone, and refuse a contradicting --window.
+    from ray_app.bundle import load_bundle, save_bundle
+    from ray_app.workloads.base import OptionConflict
+    from ray_app.workloads.image import ImageWorkload
+
+    path = write_dicom(str(tmp_path / "ct.dcm"), digits[0], DicomSpec(bits=12, intercept=-1024.0, window=(40, 400)))
+    data = open(path, "rb").read()
+    trained = ImageOptions(window="lung")
+    manifest = {"classes": ["a", "b"], "shape": [1, 28, 28]}
+    save_bundle(ImageWorkload().build_model(trained, manifest), str(tmp_path / "bundle"), {
+        "workload": "image", "options": trained.model_dump(), "manifest": manifest, "metrics": {}, "training": {}})  # fmt: skip
+    bundle = load_bundle(str(tmp_path / "bundle"))
+    lung = dicom.decode_dicom(data, 28, 1, ["lung"]).chw
+    assert not np.array_equal(lung, dicom.decode_dicom(data, 28, 1, ["file"]).chw)
+    workload = ImageWorkload()
+    for stage in ("predict", "serve"):
+        options = workload.resolve_options(stage, {}, bundle.options.model_dump())
+        assert options.window == ["lung"]
+        with pytest.raises(OptionConflict, match="recorded at prepare"):
+            workload.resolve_options(stage, {"window": ["file"]}, bundle.options.model_dump())
+    assert np.array_equal(bundle.workload.decode_item(data, bundle.options, bundle.manifest), lung)  # the endpoint's decode
+    items, _, reasons = workload.load_predict_batch({"path": [path]}, bundle.options, bundle.manifest)  # batch predict's
+    assert reasons == [None] and np.array_equal(items[0], lung)
