@@ -4,7 +4,7 @@ every stage's outputs so a run can be reproduced from what it wrote.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -118,6 +118,29 @@ class DeploymentScaling(_Section):
         }
 
 
+class ReleaseConfig(_Section):
+    """A candidate version served next to the stable one (``ray_app.serving.release``): canary
+    traffic with automatic rollback and promotion, or shadow traffic whose answers are compared."""
+
+    candidate: str = Field(description="registry version or alias of the candidate (the stable model is ``serve.model``)")
+    mode: Literal["canary", "shadow"] = Field("canary", description="canary: a share of requests is answered by the candidate; "
+                                              "shadow: a share is mirrored to it, its answers discarded and compared")  # fmt: skip
+    traffic_percent: float = Field(10.0, ge=0, le=100, description="share of requests sent (canary) or mirrored (shadow) to the candidate")
+    header: str = Field("x-ray-app-cohort", description="a request with this header set to 'canary' or 'stable' picks its version")
+    cohort_header: str | None = Field(
+        None, description="e.g. x-user-id: its value is hashed to a stable bucket, so one user always gets the same version"
+    )
+    window_s: float = Field(60.0, gt=0, description="the judging window: the candidate is promoted after one full healthy window")
+    min_requests: int = Field(20, gt=0, description="requests per version in the window before it is judged")
+    max_error_rate_margin: float = Field(0.01, ge=0, description="rolled back when its error rate exceeds stable's by more than this")
+    max_p99_margin_ratio: float = Field(0.5, ge=0, description="rolled back when its p99 exceeds stable's p99 x (1 + ratio) + ms")
+    max_p99_margin_ms: float = Field(50.0, ge=0)
+    promote: bool = Field(True, description="canary: move the stable alias to the candidate after a healthy window (shadow never does)")
+    candidate_timeout_s: float = Field(10.0, gt=0, description="a canary request the candidate has not answered by then goes to stable")
+    max_shadow_in_flight: int = Field(32, gt=0, description="mirrored calls beyond this many in flight are skipped, not queued")
+    report_interval_s: float = Field(0.5, gt=0, description="how often each gateway replica sends its counts to the release judge")
+
+
 class ServeConfig(DeploymentScaling):
     model: str = Field("production", description="registry alias or version, or a bundle URI")
     host: str = Field("127.0.0.1", description="bind address; loopback unless you mean to expose it")
@@ -130,6 +153,7 @@ class ServeConfig(DeploymentScaling):
     batch_wait_timeout_s: float = Field(0.005, ge=0)
     request_timeout_s: float = Field(30.0, gt=0, description="a request not answered in time gets 503 instead of hanging")
     alias_poll_s: float = Field(10.0, ge=0, description="how often replicas re-read the alias they serve (0: only on reconfigure)")
+    release: ReleaseConfig | None = Field(None, description="a canary or shadow release of a candidate version (see README)")
     blocking: bool = Field(False, description="keep serving until interrupted")
 
 

@@ -27,6 +27,7 @@ from ray_app.config import AppConfig, DeploymentScaling, ServeConfig, serve_conf
 from ray_app.serving.gateway import AppSettings, Gateway, GatewayConfig
 from ray_app.serving.loaders import ModelLoader, RegistryLoader
 from ray_app.serving.model_server import ModelServer
+from ray_app.serving.release import ReleaseJudgeDeployment
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,12 @@ def model_deployment(workload: str, s: ServeConfig, loader: ModelLoader) -> Appl
     return scaled(ModelServer, s, name=f"{workload}-model", user_config={"model": s.model}).bind(workload, s, loader)
 
 
+def candidate_deployment(workload: str, s: ServeConfig, loader: ModelLoader) -> Application:
+    """A release's candidate: the same class, loader and scaling as the stable model, its own
+    deployment (Serve splits no traffic between versions of one deployment; the gateway does)."""
+    return scaled(ModelServer, s, name=f"{workload}-candidate", user_config={"model": s.release.candidate}).bind(workload, s, loader)
+
+
 def build_app(args: dict[str, Any] | AppSettings) -> Application:
     """Serve config entry point (``import_path: ray_app.serving.app:build_app``); Python callers may
     pass resolved ``AppSettings``. Exactly one parameter: ``serve deploy``/``serve run`` refuse a
@@ -87,7 +94,12 @@ def compose_app(args: dict[str, Any] | AppSettings, loaders: dict[str, ModelLoad
     models = {
         name: model_deployment(name, s, loaders.get(name) or RegistryLoader(settings.models)) for name, s in settings.workloads.items()
     }
-    return scaled(Gateway, settings.gateway).bind(settings, models)
+    released = {name: s for name, s in settings.workloads.items() if s.release is not None}
+    if not released:
+        return scaled(Gateway, settings.gateway).bind(settings, models)
+    candidates = {name: candidate_deployment(name, s, loaders.get(name) or RegistryLoader(settings.models)) for name, s in released.items()}
+    judge = ReleaseJudgeDeployment.bind(settings.models, released)
+    return scaled(Gateway, settings.gateway).bind(settings, models, candidates, judge)
 
 
 def settings_from_config(config: AppConfig) -> AppSettings:

@@ -32,6 +32,7 @@ from ray_app.registry_store import RegistryError
 from ray_app.serving.console import dicom_preview_png, registry_record
 from ray_app.serving.http import RequestError, error_response, read_body
 from ray_app.serving.metrics import GatewayMetrics
+from ray_app.serving.release import ReleaseMetrics, ReleaseRouter
 
 log = logging.getLogger("ray.serve")  # Serve's logger: lines land in the replica's log file
 
@@ -158,9 +159,22 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
 @serve.deployment
 @serve.ingress(api)
 class Gateway:
-    def __init__(self, settings: dict[str, Any], models: dict[str, DeploymentHandle]) -> None:
+    def __init__(
+        self,
+        settings: dict[str, Any],
+        models: dict[str, DeploymentHandle],
+        candidates: dict[str, DeploymentHandle] | None = None,
+        release_judge: DeploymentHandle | None = None,
+    ) -> None:
         self.settings = AppSettings.model_validate(settings)
         self.models = models
+        # Workloads with a canary or shadow release: their candidate's deployment and the router
+        # that picks a version per request (``ray_app.serving.release``).
+        self.candidates = candidates or {}
+        release_metrics = ReleaseMetrics() if self.candidates else None
+        self.releases = {
+            name: ReleaseRouter(name, self.settings.workloads[name], release_judge, release_metrics) for name in self.candidates
+        }
         env_key = os.environ.get(self.settings.gateway.api_key_env, "")
         self.key_digests = set(self.settings.gateway.api_key_sha256) | ({key_digest(env_key)} if env_key else set())
         if not self.key_digests and not self.settings.gateway.allow_unauthenticated:
@@ -280,7 +294,11 @@ class Gateway:
             self._authorize(request)
             limits = self._limits(workload)
             payload = await read_body(request, limits.max_body_bytes, self.settings.gateway.body_timeout_s)
-            answer = await self._predict(workload, payload)
+            answer = (
+                await self._released_predict(workload, payload, request)
+                if workload in self.releases
+                else await self._predict(workload, payload)
+            )
             if answer["status"] != 200:
                 raise RequestError(answer["status"], answer["message"])
             status = 200
@@ -300,6 +318,25 @@ class Gateway:
     @api.get("/model", include_in_schema=False)
     async def model_info_only_workload(self, request: Request) -> Any:
         return await self.model_info(self._only_workload(), request)
+
+    @api.get("/{workload}/release", responses=ERROR_RESPONSES)
+    async def release_status(self, workload: WorkloadName, request: Request) -> Any:
+        """A canary or shadow release: phase, per-version requests, errors and p99 in the judging
+        window, shadow agreement, and the decisions taken."""
+        try:
+            self._authorize(request)
+            self._limits(workload)
+            if workload not in self.releases:
+                raise RequestError(404, f"{workload} has no release configured (serve.release)")
+            return await asyncio.wait_for(self.releases[workload].judge.status.remote(workload), timeout=READY_PROBE_S)
+        except RequestError as exc:
+            return error_response(exc.status_code, exc.message, exc.headers)
+        except Exception as exc:  # noqa: BLE001 - the judge busy or restarting: predictions are unaffected
+            return error_response(503, f"{workload}: release judge unavailable ({type(exc).__name__})", {"Retry-After": "1"})
+
+    @api.get("/release", include_in_schema=False)
+    async def release_status_only_workload(self, request: Request) -> Any:
+        return await self.release_status(self._only_workload(), request)
 
     # ---- helpers --------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
@@ -344,17 +381,40 @@ class Gateway:
             log.error("%s: a request was in flight at %d replica deaths; not retrying it", workload, lost.deaths)
             raise RequestError(422, f"this request was in flight when {lost.deaths} model replicas died; it is not run again") from None
 
-    async def _call(self, workload: str, method: str, *args: Any, max_attempts: int = 3) -> Any:
-        """One call to a workload's model deployment, bounded in time, with overload as a 503 and
-        a replica lost mid-request retried on another one (up to ``max_attempts`` replicas)."""
+    async def _released_predict(self, workload: str, payload: bytes, request: Request) -> dict[str, Any]:
+        """A prediction of a workload under release: the router picks stable or candidate (or
+        mirrors to the candidate); a candidate call is tried once, on the candidate's own deadline."""
+        release = self.settings.workloads[workload].release
+
+        def candidate() -> Any:
+            return self._call(
+                workload, "predict", payload, max_attempts=1, handle=self.candidates[workload], timeout_s=release.candidate_timeout_s
+            )
+
+        return await self.releases[workload].predict(request.headers, lambda: self._predict(workload, payload), candidate)
+
+    async def _call(
+        self,
+        workload: str,
+        method: str,
+        *args: Any,
+        max_attempts: int = 3,
+        handle: DeploymentHandle | None = None,
+        timeout_s: float | None = None,
+    ) -> Any:
+        """One call to a workload's model deployment (or ``handle``, its release candidate), bounded
+        in time, with overload as a 503 and a replica lost mid-request retried on another one (up
+        to ``max_attempts`` replicas)."""
         limits = self._limits(workload)
+        timeout_s = min(timeout_s or limits.request_timeout_s, limits.request_timeout_s)
+        handle = handle or self.models[workload]
         for attempt in range(1, max_attempts + 1):
-            response = getattr(self.models[workload], method).remote(*args)
+            response = getattr(handle, method).remote(*args)
             try:
-                return await asyncio.wait_for(response, timeout=limits.request_timeout_s)
+                return await asyncio.wait_for(response, timeout=timeout_s)
             except asyncio.TimeoutError:
                 response.cancel()
-                raise RequestError(503, f"no answer within {limits.request_timeout_s:g} s; retry later", {"Retry-After": "1"}) from None
+                raise RequestError(503, f"no answer within {timeout_s:g} s; retry later", {"Retry-After": "1"}) from None
             except BackPressureError:
                 raise RequestError(503, f"{workload} is at capacity; retry later", {"Retry-After": "1"}) from None
             except DeploymentUnavailableError as exc:
