@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+from ray import serve
 
 from ray_app.cli import run_cli
 from ray_app.config import load_config
@@ -32,6 +33,9 @@ def metrics_port() -> int:
 def ray_session(metrics_port):
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     ray.init(
+        # A new instance of our own: never attach to a cluster that `ray start` (or a crashed run)
+        # left behind, which ray.init() with no address would.
+        address="local",
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,
@@ -68,13 +72,42 @@ def chain():
     return train_evaluate_register
 
 
+class SessionServe:
+    """One Serve HTTP proxy on one loopback port for the whole session: starting Serve and shutting
+    it down again cost each module ~8 s. Modules deploy apps under their own names and delete them
+    when done. ``start`` is a no-op while this proxy runs; it brings it back after a module that
+    needed other HTTP options (TLS, its own port) left Serve stopped or running with those."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+
+    def start(self) -> str:
+        # Private, but the only way to read the running proxy's options: serve.start() keeps a
+        # running instance's options and ignores new ones with a warning.
+        from ray.serve.context import _get_global_client
+
+        running = _get_global_client(raise_if_no_controller_running=False)
+        if running is not None and (running.http_config.port != self.port or running.http_config.ssl_certfile):
+            serve.shutdown()
+        serve.start(http_options={"host": "127.0.0.1", "port": self.port})
+        return self.url
+
+
 @pytest.fixture(scope="session")
-def start_endpoint():
-    """Deploy a workload's registered model on a free loopback port; returns its predict URL.
-    Callers shut Serve down when their module is done."""
+def session_serve(ray_session):
+    yield SessionServe(unused_loopback_port())
+    serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def start_endpoint(session_serve):
+    """Deploy a workload's registered model as the app named after the workload on the session's
+    Serve; returns its predict URL. Callers ``serve.delete(workload)`` when done with it."""
 
     def start(workload: str, workspace: str, **serve_overrides) -> str:
-        overrides = {"workspace": workspace, "serve.port": unused_loopback_port()}
+        session_serve.start()
+        overrides = {"workspace": workspace, "serve.host": "127.0.0.1", "serve.port": session_serve.port}
         overrides.update({f"serve.{key}": value for key, value in serve_overrides.items()})
         return run_serve(load_config(workload, overrides=overrides))["endpoint"]
 

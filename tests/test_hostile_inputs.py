@@ -31,8 +31,8 @@ import pytest
 import requests
 import yaml
 from PIL import Image
+from small_models import CTR_MANIFEST, SMALL_MODELS, small_registry
 
-from ray_app.runtime import unused_loopback_port
 from ray_app.workloads.base import BadInput
 from ray_app.workloads.ctr import CTRPreparer, CTRWorkload
 from ray_app.workloads.image import ImageOptions, ImageWorkload, decode_image
@@ -63,14 +63,6 @@ def encoded(fmt: str, size: tuple[int, int] = (32, 32)) -> bytes:
 
 def nested_json(depth: int) -> bytes:
     return b'{"texts": ' + b"[" * depth + b"]" * depth + b"}"
-
-
-CTR_MANIFEST = {
-    "classes": ["no_click", "click"],
-    "transform": {"numeric_columns": ["age"], "categorical_columns": ["user"], "buckets": 16, "means": [0.0], "stds": [1.0]},
-    "time_cutoffs": [100.0, 200.0],
-    "split_fractions": [0.1, 0.1],
-}
 
 
 # ---- images ----------------------------------------------------------------------------------
@@ -238,32 +230,6 @@ BODY_TIMEOUT_S = 1.0  # the app's body deadline here: a slow body is answered 40
 # A model replica's resident memory may grow by at most this across the whole corpus (after a
 # warm-up). Decoding one 100 Mpx bomb would take 100 MB (grayscale) to 400 MB (RGBA) at once.
 MEMORY_GROWTH_BOUND = 64 * 1024 * 1024
-SMALL_MODELS = {
-    "image": ({"image_size": 28, "channels": 1, "width": 4}, {"classes": [str(i) for i in range(10)], "shape": [1, 28, 28]}),
-    "text": ({"max_length": 64}, {"classes": ["fresh", "rotten"], "split_fractions": [0.1, 0.1], "max_length": 64, "model_dir": None}),
-    "ctr": ({"numeric_columns": ["age"], "categorical_columns": ["user"], "buckets": 16}, CTR_MANIFEST),
-}
-
-
-def small_registry(root: str) -> str:
-    """Each workload's real model architecture with seeded random weights, registered as version 1
-    under alias production: the serving path is under test here, not what the models learned."""
-    import torch
-
-    from ray_app.bundle import save_bundle
-    from ray_app.registry import ModelRegistry
-    from ray_app.workloads import get_workload
-
-    models = os.path.join(root, "models")
-    for name, (options, manifest) in SMALL_MODELS.items():
-        workload = get_workload(name)
-        parsed = workload.parse_options(options)
-        torch.manual_seed(0)
-        model = workload.build_model(parsed, manifest, pretrained=False).eval()
-        bundle = os.path.join(root, f"{name}-bundle")
-        save_bundle(model, bundle, {"workload": name, "options": parsed.model_dump(mode="json"), "manifest": manifest, "metrics": {}})
-        ModelRegistry(models).register(name, bundle, {"run_name": "hostile"}, alias="production")
-    return models
 
 
 def app_args(models: str) -> dict:
@@ -288,22 +254,23 @@ def replica_processes(app: str) -> dict[str, psutil.Process]:
 
 
 @pytest.fixture(scope="module")
-def hostile_app(ray_session, tmp_path_factory) -> str:
+def hostile_app(session_serve, tmp_path_factory) -> str:
     from ray import serve
 
     from ray_app.serving.app import build_app
 
-    models = small_registry(str(tmp_path_factory.mktemp("hostile")))
-    port = unused_loopback_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # Each workload's real architecture, untrained: the serving path is under test, not the models.
+    models = small_registry(str(tmp_path_factory.mktemp("hostile")), run_name="hostile")
+    url = session_serve.start()  # the session's Serve: apps are deleted, Serve is not shut down
     serve.run(build_app(app_args(models)), name="hostile", route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while requests.get(f"{url}/readyz", timeout=10).status_code != 200:
         assert time.monotonic() < deadline, "the app never got ready"
         time.sleep(0.5)
     yield {"url": url, "models": models}
-    serve.shutdown()
+    for app in serve.status().applications:  # this module's apps, also those a failed test left
+        if app in ("hostile", "flaky", "nokey"):
+            serve.delete(app)
 
 
 def _raw_request(url: str, head: str, body: bytes, pause_s: float = 0.0) -> tuple[int, bytes]:

@@ -14,10 +14,8 @@ import requests
 from PIL import Image
 from ray import serve
 
-from ray_app.config import ServeConfig
 from ray_app.demos.data import first_digit_file
-from ray_app.runtime import unused_loopback_port
-from ray_app.serving.app import compose_app, start_http
+from ray_app.serving.app import compose_app
 from ray_app.serving.loaders import InMemoryLoader, untrained_model
 
 API_KEY = secrets.token_urlsafe(16)  # made per run; only its digest goes into the app
@@ -26,15 +24,14 @@ DIGITS = {"classes": [str(i) for i in range(10)], "shape": [1, 28, 28]}  # the i
 
 
 @pytest.fixture(scope="module")
-def endpoint(ray_session):
-    port = unused_loopback_port()
-    start_http(ServeConfig(port=port))
+def endpoint(session_serve):
+    url = session_serve.start()
     image = {"max_body_bytes": 200_000, "min_replicas": 1, "max_replicas": 1}
     args = {"workloads": {"image": image}, "gateway": {"api_key_sha256": [hashlib.sha256(API_KEY.encode()).hexdigest()]}}
     loader = InMemoryLoader({"production": untrained_model("image", DIGITS, version=1)})
     serve.run(compose_app(args, loaders={"image": loader}), name="image", route_prefix="/image")
-    yield f"http://127.0.0.1:{port}/image/predict"
-    serve.shutdown()
+    yield f"{url}/image/predict"
+    serve.delete("image")
 
 
 def _digit(demo_images: str, digit: str) -> bytes:

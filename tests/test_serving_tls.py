@@ -1,5 +1,6 @@
 """HTTPS straight from Serve's proxy (``http_options.ssl_keyfile``/``ssl_certfile``), with a
-self-signed certificate made by the test."""
+self-signed certificate made by the test. The image model is an untrained in-memory one: TLS is
+under test here, not what the model learned."""
 
 import subprocess
 
@@ -10,7 +11,10 @@ from ray import serve
 from ray_app.config import load_config
 from ray_app.demos.data import first_digit_file
 from ray_app.runtime import unused_loopback_port
-from ray_app.serving.app import build_app, settings_from_config
+from ray_app.serving.app import compose_app, settings_from_config
+from ray_app.serving.loaders import InMemoryLoader, untrained_model
+
+DIGITS = {"classes": [str(i) for i in range(10)], "shape": [1, 28, 28]}  # the image workload's manifest
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +30,14 @@ def certificate(tmp_path_factory) -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def https_endpoint(trained_workspace, certificate):
+def https_endpoint(session_serve, certificate):
     key, cert = certificate
-    serve.shutdown()  # HTTP options are fixed when Serve starts
+    serve.shutdown()  # HTTP options are fixed when Serve starts: the next module starts plain HTTP again
     port = unused_loopback_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "ssl_keyfile": key, "ssl_certfile": cert})
-    config = load_config("image", overrides={"workspace": trained_workspace["workspace"], "serve.num_cpus": 0.5})
-    serve.run(build_app(settings_from_config(config)), name="image", route_prefix="/image")
+    config = load_config("image", overrides={"serve.num_cpus": 0.5})
+    loader = InMemoryLoader({"production": untrained_model("image", DIGITS, version=1)})
+    serve.run(compose_app(settings_from_config(config), loaders={"image": loader}), name="image", route_prefix="/image")
     yield f"https://127.0.0.1:{port}/image"
     serve.shutdown()
 
