@@ -71,6 +71,10 @@ class ModelBundle:
     def classes(self) -> list[str]:
         return self.manifest["classes"]
 
+    def stack(self, items: list[Any]) -> Any:
+        """Decoded items -> this model's inputs (torch tensors here; numpy for ONNX Runtime)."""
+        return self.workload.stack_items(items, self.options, self.manifest)
+
     def predict_proba(self, inputs: Any) -> np.ndarray:
         inputs = inputs.to(self.device) if isinstance(inputs, torch.Tensor) else {k: v.to(self.device) for k, v in inputs.items()}
         with torch.inference_mode(), torch.autocast(self.device.type, enabled=self.device.type == "cuda"):

@@ -64,6 +64,12 @@ class RegisterConfig(_Section):
     force: bool = Field(False, description="move the alias even if the new model scores worse than the alias's current model")
     gate_metric: str | None = Field(None, description="metric both models are re-scored on (default: auc for ctr, accuracy otherwise)")
     gate_tolerance: float = Field(0.005, ge=0, description="how much worse than the current model the new one may score")
+    onnx: bool = Field(True, description="export the model to ONNX (dynamic batch) for torch-free CPU serving and predict")
+    onnx_tolerance: float = Field(1e-4, ge=0, description="largest probability difference ONNX Runtime may show vs torch (held-out rows)")
+    onnx_parity_rows: int = Field(256, gt=0, description="held-out (test split) rows the ONNX export is checked on")
+    onnx_int8: bool | None = Field(None, description="also make an int8 (dynamic quantization) copy (default: text only)")
+    int8_tolerance: float = Field(0.01, ge=0, description="accuracy the int8 copy may lose on the test split and still be used")
+    int8_eval_rows: int = Field(2000, gt=0, description="test rows the int8 copy's accuracy change is measured on (at most)")
 
 
 class RollbackConfig(_Section):
@@ -81,6 +87,8 @@ class PredictConfig(_Section):
         None, description="URI of a text file naming the inputs, one URI per line (instead of --input; the upload watcher's grouped jobs)"
     )
     use_gpu: bool = False
+    runtime: str = Field("torch", pattern="^(auto|torch|onnx)$", description="CPU actors: onnx runs the version's ONNX export")
+    onnx_precision: str = Field("auto", pattern="^(auto|fp32|int8)$", description="auto: the int8 text export where register accepted it")
 
 
 class DeploymentScaling(_Section):
@@ -153,6 +161,8 @@ class ServeConfig(DeploymentScaling):
     batch_wait_timeout_s: float = Field(0.005, ge=0)
     request_timeout_s: float = Field(30.0, gt=0, description="a request not answered in time gets 503 instead of hanging")
     alias_poll_s: float = Field(10.0, ge=0, description="how often replicas re-read the alias they serve (0: only on reconfigure)")
+    runtime: str = Field("auto", pattern="^(auto|torch|onnx)$", description="CPU replicas: onnx, torch, or auto (onnx where exported)")
+    onnx_precision: str = Field("auto", pattern="^(auto|fp32|int8)$", description="auto: the int8 text export where register accepted it")
     release: ReleaseConfig | None = Field(None, description="a canary or shadow release of a candidate version (see README)")
     blocking: bool = Field(False, description="keep serving until interrupted")
 

@@ -108,9 +108,11 @@ class ModelRegistry:
         reason: str | None = None,
         metrics: dict[str, Any] | None = None,
         user: str | None = None,
+        extra_files: dict[str, str] | None = None,
     ) -> int:
         """Copy a bundle in as a new version (safe to call concurrently: each call gets its own
-        number), then optionally move ``alias`` to it."""
+        number), then optionally move ``alias`` to it. ``extra_files`` ({name: URI}, e.g. the ONNX
+        exports) are copied into the version folder too, before it becomes visible."""
         bundle_uri = storage.normalize(bundle_uri)
         bundle_json = storage.join(bundle_uri, BUNDLE_FILE)
         try:
@@ -125,6 +127,8 @@ class ModelRegistry:
         folder = f"{workload}/{version}"
         for name in (WEIGHTS_FILE, BUNDLE_FILE):  # not the optimizer state: serving never needs it
             self.store.copy_in(storage.join(bundle_uri, name), f"{folder}/{name}")
+        for name, source in (extra_files or {}).items():
+            self.store.copy_in(source, f"{folder}/{name}")
         record = {
             **metadata,
             "workload": workload,

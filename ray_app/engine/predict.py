@@ -32,11 +32,21 @@ def scored_dataset(
     batch_size: int,
     concurrency: int,
     options: dict[str, Any] | None = None,
+    runtime: str = "torch",
+    precision: str = "auto",
 ) -> ray.data.Dataset:
     """Work items -> predictions (+ rejects), lazily, through a pool of model-holding actors."""
+    constructor = {
+        "bundle_uri": model_uri,
+        "use_gpu": use_gpu,
+        "top_k": top_k,
+        "options": options,
+        "runtime": runtime,
+        "precision": precision,
+    }
     return items.map_batches(
         BatchPredictor,
-        fn_constructor_kwargs={"bundle_uri": model_uri, "use_gpu": use_gpu, "top_k": top_k, "options": options},
+        fn_constructor_kwargs=constructor,
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=concurrency),
@@ -65,9 +75,10 @@ def run_predict(config: AppConfig) -> dict[str, Any]:
         raise ValueError(f"nothing to predict under {p.input or p.input_list}")
     # The old predictions are replaced only once the new ones are complete (a failed run keeps them).
     with storage.publishing(output) as staging:
-        scored_dataset(items, model_uri, p.use_gpu, config.serve.top_k, p.batch_size, p.concurrency, options.model_dump()).write_parquet(
-            staging.uri, partition_cols=["status"], mode=SaveMode.OVERWRITE
+        scored = scored_dataset(
+            items, model_uri, p.use_gpu, config.serve.top_k, p.batch_size, p.concurrency, options.model_dump(), p.runtime, p.onnx_precision
         )
+        scored.write_parquet(staging.uri, partition_cols=["status"], mode=SaveMode.OVERWRITE)
         rows_ok, rows_rejected = count_rows(ok_uri(staging.uri)), count_rows(rejected_uri(staging.uri))
         summary = {
             "input": p.input or p.input_list,

@@ -4,6 +4,7 @@ metrics, config and data fingerprint, and move an alias (e.g. ``production``) to
 from __future__ import annotations
 
 import logging
+import tempfile
 from typing import Any
 
 from ray_app import storage, tracking
@@ -45,9 +46,21 @@ def run_register(config: AppConfig) -> dict[str, Any]:
         metadata["promotion"] = gate
         if not gate["passed"] and not config.registration.force:
             raise PromotionRefused(refusal_message(config, gate))
-    version = registry.register(
-        config.workload, checkpoint, metadata, alias=alias, reason=config.registration.reason or "register", metrics=gate
-    )
+    with tempfile.TemporaryDirectory(prefix="ray_app-onnx-") as exports:
+        extra_files: dict[str, str] = {}
+        if config.registration.onnx:  # refused here, before a number is taken, when ONNX and torch disagree
+            from ray_app.onnx_export import export_for_registration
+
+            metadata["onnx"], extra_files = export_for_registration(config, checkpoint, exports)
+        version = registry.register(
+            config.workload,
+            checkpoint,
+            metadata,
+            alias=alias,
+            reason=config.registration.reason or "register",
+            metrics=gate,
+            extra_files=extra_files,
+        )
     summary = {
         "workload": config.workload,
         "version": version,

@@ -65,8 +65,19 @@ class PreparedRowScorer:
 class BatchPredictor:
     """Decodes raw items and predicts (batch inference). Bad items become rejects with a reason."""
 
-    def __init__(self, bundle_uri: str, use_gpu: bool = False, top_k: int = 3, options: dict[str, Any] | None = None) -> None:
-        self.bundle = load_bundle(bundle_uri, pick_device(use_gpu))
+    def __init__(
+        self,
+        bundle_uri: str,
+        use_gpu: bool = False,
+        top_k: int = 3,
+        options: dict[str, Any] | None = None,
+        runtime: str = "torch",
+        precision: str = "auto",
+    ) -> None:
+        from ray_app.onnx_runtime import load_for_runtime
+
+        # runtime onnx: the version's ONNX export on CPU actors (predict.runtime), as serving does.
+        self.bundle = load_for_runtime(bundle_uri, use_gpu, runtime, precision)  # type: ignore[arg-type]
         self.top_k = min(top_k, len(self.bundle.classes))
         # The bundle's options with predict's own per-run ones (e.g. --id-column) applied.
         self.options = self.bundle.workload.parse_options(options) if options is not None else self.bundle.options
@@ -75,7 +86,7 @@ class BatchPredictor:
         b = self.bundle
         items, ids, reasons = b.workload.load_predict_batch(batch, self.options, b.manifest)
         good = [i for i, reason in enumerate(reasons) if reason is None]
-        probabilities = b.predict_proba(b.workload.stack_items([items[i] for i in good], self.options, b.manifest)) if good else None
+        probabilities = b.predict_proba(b.stack([items[i] for i in good])) if good else None
         rows: dict[str, list[Any]] = {
             "label": [None] * len(ids),
             "probability": [None] * len(ids),

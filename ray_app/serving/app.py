@@ -92,7 +92,8 @@ def compose_app(args: dict[str, Any] | AppSettings, loaders: dict[str, ModelLoad
     settings.models = storage.normalize(settings.models)
     loaders = loaders or {}
     models = {
-        name: model_deployment(name, s, loaders.get(name) or RegistryLoader(settings.models)) for name, s in settings.workloads.items()
+        name: model_deployment(name, s, loaders.get(name) or RegistryLoader(settings.models, s.runtime, s.onnx_precision))
+        for name, s in settings.workloads.items()
     }
     released = {name: s for name, s in settings.workloads.items() if s.release is not None}
     if not released:

@@ -41,6 +41,9 @@ class ServedModel(Protocol):
     @property
     def classes(self) -> list[str]: ...
 
+    def stack(self, items: list[Any]) -> Any:
+        """Decoded items -> this model's inputs for one forward pass."""
+
     def predict_proba(self, inputs: Any) -> np.ndarray: ...
 
 
@@ -56,10 +59,18 @@ class ModelLoader(Protocol):
 
 class RegistryLoader:
     """The default: registry aliases and versions (or a bundle URI) under ``models``, loaded as bundles
-    whose weights' SHA-256 is checked."""
+    whose weights' SHA-256 is checked.
 
-    def __init__(self, models: str = DEFAULT_MODELS) -> None:
+    ``runtime``: ``onnx`` serves CPU replicas from the ONNX export register made (ONNX Runtime and the
+    Rust tokenizer: no torch, no transformers in the replica); ``auto`` does so where the version has
+    an export and falls back to torch where it has none (versions registered before exports);
+    ``torch`` always loads the safetensors weights. GPU replicas always run torch. ``precision``
+    picks the int8 text export (``auto``: when register accepted it) or fp32."""
+
+    def __init__(self, models: str = DEFAULT_MODELS, runtime: str = "auto", precision: str = "auto") -> None:
         self.models = models
+        self.runtime = runtime
+        self.precision = precision
 
     def resolve(self, workload: str, ref: str) -> str:
         from ray_app.registry import resolve_model_uri
@@ -67,13 +78,12 @@ class RegistryLoader:
         return storage.normalize(resolve_model_uri(self.models, workload, ref))
 
     def load(self, workload: str, resolved: str, use_gpu: bool) -> ServedModel:
-        from ray_app.bundle import load_bundle
-        from ray_app.engine.scoring import pick_device
+        from ray_app.onnx_runtime import load_for_runtime
 
-        return load_bundle(resolved, pick_device(use_gpu))
+        return load_for_runtime(resolved, use_gpu, self.runtime, self.precision)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
-        return f"RegistryLoader({self.models!r})"
+        return f"RegistryLoader({self.models!r}, runtime={self.runtime!r}, precision={self.precision!r})"
 
 
 class InMemoryLoader:

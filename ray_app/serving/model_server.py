@@ -167,7 +167,7 @@ class ModelServer:
         labels: list[str] = []
         for bundle in {id(b): b for b, _ in items}.values():
             positions = [i for i, (b, _) in enumerate(items) if b is bundle]
-            inputs = bundle.workload.stack_items([items[i][1] for i in positions], bundle.options, bundle.manifest)
+            inputs = bundle.stack([items[i][1] for i in positions])  # tensors for torch, arrays for ONNX Runtime
             for i, p in zip(positions, bundle.predict_proba(inputs), strict=True):
                 results[i] = p
                 labels.append(bundle.classes[int(np.argmax(p))])

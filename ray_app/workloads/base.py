@@ -305,6 +305,19 @@ class Workload(ABC):
     def stack_items(self, items: list[Any], options: BaseModel, manifest: dict[str, Any]) -> Any:
         """Decoded items -> model inputs for one forward pass."""
 
+    def stack_arrays(self, items: list[Any], options: BaseModel, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Decoded items -> the exported model's named numpy inputs (ONNX Runtime; no torch).
+        ``onnx_input_names`` lists the names in the order ``stack_items``' tensors take them."""
+        raise NotImplementedError(f"{self.name}: no numpy inputs for an exported model")
+
+    # Names of the exported graph's inputs, in the order the exporter passes them (see stack_arrays).
+    onnx_input_names: ClassVar[list[str]] = []
+
+    def configure(self, options: BaseModel, manifest: dict[str, Any]) -> None:
+        """Per-model state the workload's answers depend on (e.g. multi-label thresholds), set
+        from the bundle; ``build_model`` does it for torch, the ONNX loader calls it directly."""
+        return None  # most workloads keep no per-model state
+
     # ---- serve ---------------------------------------------------------------------------
     @abstractmethod
     def decode_request(self, payload: bytes, options: BaseModel, manifest: dict[str, Any]) -> list[tuple[Any, dict[str, Any]]]:

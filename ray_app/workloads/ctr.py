@@ -378,13 +378,15 @@ class CTRWorkload(Workload):
         )
         return items, ids, reasons
 
+    onnx_input_names: ClassVar[list[str]] = ["categorical", "numeric"]
+
+    def stack_arrays(self, items: list, options: CTROptions, manifest) -> dict[str, np.ndarray]:
+        return {"categorical": np.stack([c for c, _ in items]), "numeric": np.stack([n for _, n in items])}
+
     def stack_items(self, items: list, options: CTROptions, manifest) -> dict[str, torch.Tensor]:
         import torch
 
-        return {
-            "categorical": torch.from_numpy(np.stack([c for c, _ in items])),
-            "numeric": torch.from_numpy(np.stack([n for _, n in items])),
-        }
+        return {name: torch.from_numpy(array) for name, array in self.stack_arrays(items, options, manifest).items()}
 
     def fitted_transform(self, manifest: dict[str, Any]) -> CTRTransform:
         """Built once per workload instance (one per predict actor or Serve replica)."""

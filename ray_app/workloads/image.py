@@ -460,11 +460,7 @@ class ImageWorkload(Workload):
         from ray_app.workloads.image_model import SmallResNet
 
         stats = manifest.get("pixel_stats", {})
-        # Each loaded bundle gets its own workload instance (get_workload), so the task and the
-        # decision thresholds that came with this model can live here for probabilities/format_response.
-        self.multilabel = manifest.get("task") == "multilabel"
-        self.thresholds = decision_thresholds(manifest)
-        self.classes = manifest["classes"]
+        self.configure(options, manifest)
         return SmallResNet(
             channels=options.channels,
             num_classes=len(manifest["classes"]),
@@ -473,6 +469,13 @@ class ImageWorkload(Workload):
             mean=stats.get("mean", [0.5] * options.channels),
             std=stats.get("std", [0.25] * options.channels),
         )
+
+    def configure(self, options: ImageOptions, manifest: dict[str, Any]) -> None:
+        # Each loaded bundle gets its own workload instance (get_workload), so the task and the
+        # decision thresholds that came with this model can live here for probabilities/format_response.
+        self.multilabel = manifest.get("task") == "multilabel"
+        self.thresholds = decision_thresholds(manifest)
+        self.classes = manifest["classes"]
 
     def collate(self, batch: dict[str, np.ndarray], options: ImageOptions, manifest: dict[str, Any]):
         import torch
@@ -581,3 +584,8 @@ class ImageWorkload(Workload):
         import torch
 
         return torch.from_numpy(np.stack(items))
+
+    onnx_input_names: ClassVar[list[str]] = ["images"]
+
+    def stack_arrays(self, items: list[np.ndarray], options, manifest) -> dict[str, np.ndarray]:
+        return {"images": np.stack(items)}

@@ -229,8 +229,11 @@ class TextWorkload(Workload):
     def _inputs(self, rows: list, options: TextOptions) -> dict[str, torch.Tensor]:
         import torch
 
+        return {name: torch.from_numpy(array) for name, array in self._arrays(rows, options).items()}
+
+    def _arrays(self, rows: list, options: TextOptions) -> dict[str, np.ndarray]:
         input_ids, mask = pad(rows, self.tokenizer(options).pad_token_id or 0)
-        return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
+        return {"input_ids": input_ids, "attention_mask": mask}
 
     def collate(self, batch: dict[str, np.ndarray], options: TextOptions, manifest: dict[str, Any]):
         import torch
@@ -263,6 +266,11 @@ class TextWorkload(Workload):
 
     def stack_items(self, items: list, options: TextOptions, manifest) -> dict[str, torch.Tensor]:
         return self._inputs(items, options)
+
+    onnx_input_names: ClassVar[list[str]] = ["input_ids", "attention_mask"]
+
+    def stack_arrays(self, items: list, options: TextOptions, manifest) -> dict[str, np.ndarray]:
+        return self._arrays(items, options)
 
     # ---- serve -----------------------------------------------------------------------------
     def decode_request(

@@ -73,10 +73,42 @@ def verify_weights(folder: str, expected: str | None) -> str:
     return actual
 
 
-def load_tokenizer(model_dir: str | None):
-    from transformers import AutoTokenizer
+class RustTokenizer:
+    """The model folder's ``tokenizer.json`` run by the Rust ``tokenizers`` library directly, with
+    the slice of the transformers tokenizer interface ``tokenize`` and ``pad`` use. transformers'
+    fast tokenizers wrap this same file; loading it directly keeps transformers (and the torch it
+    pulls in) out of serving replicas and prepare actors. Checked token-for-token against
+    ``AutoTokenizer`` on the 13.9k-text review corpus (tests/test_onnx.py samples it)."""
 
-    return AutoTokenizer.from_pretrained(local_model_dir(model_dir), local_files_only=True)
+    def __init__(self, folder: str) -> None:
+        import json
+
+        from tokenizers import Tokenizer
+
+        self.backend = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+        # tokenize() cuts and pads by itself; the file may ship its own truncation/padding.
+        self.backend.no_truncation()
+        self.backend.no_padding()
+        config_path = os.path.join(folder, "tokenizer_config.json")
+        config: dict = {}
+        if os.path.exists(config_path):
+            with open(config_path) as f:
+                config = json.load(f)
+        pad_token = config.get("pad_token", "[PAD]")
+        pad_token = pad_token.get("content") if isinstance(pad_token, dict) else pad_token
+        self.pad_token_id = self.backend.token_to_id(pad_token) if pad_token else None
+
+    def __call__(self, texts: list[str], add_special_tokens: bool = True, **_: object) -> dict[str, list[list[int]]]:
+        return {"input_ids": [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]}
+
+
+def load_tokenizer(model_dir: str | None):
+    folder = local_model_dir(model_dir)
+    if os.path.exists(os.path.join(folder, "tokenizer.json")):
+        return RustTokenizer(folder)
+    from transformers import AutoTokenizer  # a slow-tokenizer-only folder (no tokenizer.json)
+
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], list[bool]]:
