@@ -98,7 +98,11 @@ def compose_app(args: dict[str, Any] | AppSettings, loaders: dict[str, ModelLoad
     released = {name: s for name, s in settings.workloads.items() if s.release is not None}
     if not released:
         return scaled(Gateway, settings.gateway).bind(settings, models)
-    candidates = {name: candidate_deployment(name, s, loaders.get(name) or RegistryLoader(settings.models)) for name, s in released.items()}
+    candidates = {
+        # The candidate loads the way the stable model does (same runtime), so the two are compared fairly.
+        name: candidate_deployment(name, s, loaders.get(name) or RegistryLoader(settings.models, s.runtime, s.onnx_precision))
+        for name, s in released.items()
+    }
     judge = ReleaseJudgeDeployment.bind(settings.models, released)
     return scaled(Gateway, settings.gateway).bind(settings, models, candidates, judge)
 
