@@ -69,10 +69,7 @@ mlflow-ui: setup
 test: setup
 	$(BIN)/ruff check ray_app tests benchmarks notebooks
 	$(BIN)/python -m pytest -m "not own_cluster and not tune_sweep"
-	$(BIN)/python -m pytest -m "own_cluster and not deploy_broken"
-
-test-deploy: setup
-	$(BIN)/python -m pytest -m deploy_broken tests/test_serve_deploy.py
+	$(BIN)/python -m pytest -m own_cluster
 
 # The Ray Tune sweep tests (issue 14): on 2 cores the 3-trial sweep has not finished in bounded time yet.
 test-tune: setup

@@ -186,12 +186,15 @@ class NodeWatcher:
         self._thread.join(timeout=10)
 
 
+RUN_NAME = "autoscaling"  # the training run of ``image_job_entrypoint``: <workspace>/image/runs/autoscaling
+
+
 def image_job_entrypoint(images: str, workspace: str, epochs: int = 1, python: str = "python") -> str:
     """prepare then train (2 workers, half a CPU each), exactly as a user types it."""
     common = f"--workspace {shlex.quote(workspace)}"
     return (
         f"{python} -m ray_app image prepare --input {shlex.quote(images)} {common} && "
-        f"{python} -m ray_app image train {common} --run-name autoscaling --num-workers 2 --cpus-per-worker 0.5 "
+        f"{python} -m ray_app image train {common} --run-name {RUN_NAME} --num-workers 2 --cpus-per-worker 0.5 "
         f"--epochs {epochs} --batch-size 16"
     )
 

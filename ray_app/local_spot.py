@@ -139,18 +139,26 @@ def train_job_entrypoint(workspace: str, run_name: str, epochs: int, batch_size:
 def run_through_a_reclaim(
     cluster: LocalCluster, reclaim_dir: Path, workspace: str, run_name: str, epochs: int, timeout_s: float = 300, log=print
 ) -> dict[str, Any]:
-    """Submit training, wait until its first checkpoint is registered, reclaim a node that hosts a
-    training worker, wait for the job to end. Returns what happened (status, reclaimed node, summary)."""
-    from ray_app.local_cluster import stage_summaries, wait_for_job
-
-    client = cluster.job_client()
-    job_id = client.submit_job(
+    """Submit training on prepared data, then ``reclaim_during_training``."""
+    job_id = cluster.job_client().submit_job(
         entrypoint=train_job_entrypoint(workspace, run_name, epochs, python=shlex.quote(sys.executable)),
         submission_id=f"spot-train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
         metadata={"workload": "image", "stage": "train", "purpose": "spot reclaim demo"},
     )
     log(f"submitted {job_id}: {epochs} epochs, checkpoint every epoch")
-    run_uri = Path(workspace, "image", "runs", run_name)
+    return reclaim_during_training(cluster, reclaim_dir, job_id, Path(workspace, "image", "runs", run_name), timeout_s, log)
+
+
+def reclaim_during_training(
+    cluster: LocalCluster, reclaim_dir: Path, job_id: str, run_uri: str | Path, timeout_s: float = 300, log=print
+) -> dict[str, Any]:
+    """For a submitted job that trains into ``run_uri`` (after other stages, if it has them, as in
+    tests/test_live_cluster.py): wait until its first checkpoint is registered, reclaim a node that
+    hosts one of its training workers, wait for the job to end. Returns what happened (status,
+    reclaimed node, summary)."""
+    from ray_app.local_cluster import stage_summaries, wait_for_job
+
+    client = cluster.job_client()
     deadline = time.monotonic() + timeout_s
     while not registered_checkpoint(run_uri):
         if client.get_job_status(job_id).is_terminal() or time.monotonic() > deadline:

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 from ray import serve
+from ray_head import shared_head  # noqa: F401 - the own-cluster tests' one cluster (session-scoped)
 
 from ray_app.cli import run_cli
 from ray_app.config import load_config

@@ -4,7 +4,15 @@ submitted through the Jobs API as a user would.
 
 These tests start and stop their own Ray cluster (``ray stop --force`` at the end), so they cannot
 share a process with the main suite's Ray instance: ``make test`` runs them in a second pytest
-process (``pytest -m own_cluster``).
+process (``pytest -m own_cluster``). They do not use that process's shared head (tests/ray_head.py)
+either: the autoscaler only manages a head started with ``--autoscaling-config`` and, to show nodes
+coming and going, the head must have no CPUs, so every task waits for a node; and Serve, which the
+other own-cluster tests run, would start a proxy on each fake node, all on this one machine and port.
+This module runs first in the process (and stops its cluster before the shared head starts).
+
+One job carries every scenario: prepare + train with a checkpoint per epoch, a node that hosts a
+training worker reclaimed by the provider after the first checkpoint (Spot capacity), the run
+resumed by Ray Train, then the autoscaler removing the idle nodes.
 """
 
 from __future__ import annotations
@@ -21,22 +29,21 @@ from ray.job_submission import JobStatus
 from ray_app.demos.data import write_image_folders
 from ray_app.local_cluster import (
     DEFAULT_CONFIG,
+    RUN_NAME,
     NodeWatcher,
     image_job_entrypoint,
     stage_summaries,
     stop_local_cluster,
     submit_image_job,
-    wait_for_job,
 )
-from ray_app.local_spot import run_through_a_reclaim, start_reclaimable_cluster
+from ray_app.local_spot import reclaim_during_training, start_reclaimable_cluster
 
 pytestmark = pytest.mark.own_cluster
 
 IMAGES = 200
-JOB_TIMEOUT_S = 480  # ~1 min here; generous for a loaded 2-core machine
+EPOCHS = 2  # a checkpoint each; the reclaim lands once the first is registered
+JOB_TIMEOUT_S = 480  # ~1.5 min here; generous for a loaded 2-core machine
 SCALE_DOWN_TIMEOUT_S = 180  # idle_timeout_minutes is 0.2 (12 s); nodes go a few seconds after that
-SPOT_EPOCHS = 2  # a checkpoint each; the reclaim lands once the first is registered
-SPOT_TIMEOUT_S = 240  # ~30-60 s here
 
 
 @pytest.fixture(scope="module")
@@ -59,20 +66,19 @@ def cluster(cluster_dir):
 
 
 @pytest.fixture(scope="module")
-def finished_job(cluster, tmp_path_factory):
-    """prepare + train submitted as one job while a thread counts the alive worker nodes."""
+def finished_job(cluster, cluster_dir, tmp_path_factory):
+    """prepare + train submitted as one job while a thread counts the alive worker nodes; once the
+    first checkpoint is registered, the provider reclaims a node that hosts a training worker."""
     root = tmp_path_factory.mktemp("job")
     images, workspace = str(root / "digits"), str(root / "workspace")
     write_image_folders(images, limit=IMAGES)  # + 5 broken files that prepare must reject
     watcher = NodeWatcher(cluster, interval_s=1.0).start()
-    job_id = submit_image_job(cluster, images, workspace, epochs=1)
-    status = wait_for_job(cluster, job_id, timeout_s=JOB_TIMEOUT_S)
-    client = cluster.job_client()
+    job_id = submit_image_job(cluster, images, workspace, epochs=EPOCHS)
+    run_uri = os.path.join(workspace, "image", "runs", RUN_NAME)
+    outcome = reclaim_during_training(cluster, cluster_dir / "reclaims", job_id, run_uri, timeout_s=JOB_TIMEOUT_S, log=lambda _: None)
     yield {
-        "job_id": job_id,
-        "status": status,
-        "info": client.get_job_info(job_id),
-        "logs": client.get_job_logs(job_id),
+        **outcome,
+        "info": cluster.job_client().get_job_info(job_id),
         "watcher": watcher,
         "workspace": workspace,
     }
@@ -104,7 +110,7 @@ def test_job_submission_trains_and_reports(finished_job):
     assert prepared["rows_ok"] == IMAGES and prepared["rows_rejected"] == 5
     assert prepared["rows_in"] == prepared["rows_ok"] + prepared["rows_rejected"]
     metrics = trained["metrics"]
-    assert trained["epochs_completed"] == 1 and metrics["epoch"] == 1
+    assert trained["epochs_completed"] == EPOCHS and metrics["epoch"] == EPOCHS
     assert metrics["train_rows"] + metrics["val_rows"] <= IMAGES
     assert metrics["val_rows"] == prepared["splits"]["val"]
     assert 0 < metrics["train_loss"] < 10 and 0 < metrics["val_loss"] < 10
@@ -114,19 +120,15 @@ def test_job_submission_trains_and_reports(finished_job):
     assert os.path.isfile(os.path.join(trained["checkpoint"], "model.safetensors"))
 
 
-def test_training_survives_a_spot_reclaim_of_its_node(cluster, cluster_dir, finished_job):
+def test_training_survives_a_spot_reclaim_of_its_node(cluster, finished_job):
     """Spot capacity goes away on its own: the provider reclaims a node that hosts a training
     worker after the first checkpoint. The autoscaler sees the node go, Ray Train restarts the
     workers from the last checkpoint, and the job succeeds with every epoch done, without anyone
-    resubmitting. Trains on the data the first job prepared, on the nodes it left warm (runs
-    before the scale-down test, whose node counts it does not change: they still end at 0)."""
+    resubmitting (the scale-down test then still sees the node counts end at 0)."""
     from ray.util.state import StateApiClient
     from ray.util.state.common import ListApiOptions, StateResource
 
-    assert finished_job["status"] == JobStatus.SUCCEEDED, "the prepared data comes from the first job"
-    outcome = run_through_a_reclaim(
-        cluster, cluster_dir / "reclaims", finished_job["workspace"], "spot", SPOT_EPOCHS, timeout_s=SPOT_TIMEOUT_S, log=lambda _: None
-    )
+    outcome = finished_job
     reclaimed = outcome["reclaimed"]
     assert reclaimed, f"no training worker found to reclaim: {outcome['status']}\n{outcome['logs'][-3000:]}"
     assert outcome["status"] == JobStatus.SUCCEEDED, outcome["logs"][-4000:]
@@ -137,10 +139,10 @@ def test_training_survives_a_spot_reclaim_of_its_node(cluster, cluster_dir, fini
     assert reclaimed not in cluster.worker_nodes()
     # Finished from a checkpoint taken before the reclaim, once, with every epoch done.
     summary = outcome["summary"]
-    assert summary["epochs_completed"] == SPOT_EPOCHS
+    assert summary["epochs_completed"] == EPOCHS
     assert len(summary["resumed_at"]) == 1, (summary, outcome["logs"][-3000:])
     (resumed_at,) = summary["resumed_at"]
-    assert 2 <= len(outcome["checkpoints_at_reclaim"]) + 1 <= resumed_at <= SPOT_EPOCHS, (outcome["checkpoints_at_reclaim"], resumed_at)
+    assert 2 <= len(outcome["checkpoints_at_reclaim"]) + 1 <= resumed_at <= EPOCHS, (outcome["checkpoints_at_reclaim"], resumed_at)
 
 
 def test_autoscaler_adds_nodes_for_the_job_and_removes_them_when_idle(finished_job):

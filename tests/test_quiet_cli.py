@@ -72,21 +72,23 @@ def test_ray_driver_lines_wait_for_the_session_log_file_and_leave_the_console(tm
 
 
 @pytest.mark.own_cluster
-def test_a_stage_in_a_log_prints_its_progress_not_ray_internals(tmp_path):
-    """prepare + train in a job-like process (stderr not a terminal): a start and an end line per
-    stage, one line per epoch with an ETA, the JSON summaries, and none of Ray's INFO/WARNING lines;
-    those are in the driver log in Ray's session folder."""
+def test_a_stage_in_a_log_prints_its_progress_not_ray_internals(tmp_path, shared_head):
+    """prepare + train in a job-like process (stderr not a terminal) on a running cluster (the
+    session's shared head), as a job's driver is: a start and an end line per stage, one line per
+    epoch with an ETA, the JSON summaries, and none of Ray's INFO/WARNING lines; those are in the
+    driver log in Ray's session folder."""
     from ray_app.demos.data import write_image_folders
 
-    write_image_folders(str(tmp_path / "digits"), limit=120)
-    ws = ["--workspace", str(tmp_path / "ws")]
+    write_image_folders(str(tmp_path / "digits"), limit=60)
+    ws = ["--workspace", str(tmp_path / "ws"), "--address", shared_head["address"]]
     script = (
         "import sys; from ray_app.cli import run_cli; "
         f"run_cli(['image', 'prepare', '--input', {str(tmp_path / 'digits')!r}, *{ws!r}]); "
         f"run_cli(['image', 'train', *{ws!r}, '--epochs', '2', '--num-workers', '1', '--batch-size', '32'])"
     )
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env, stdin=subprocess.DEVNULL)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=shared_head["env"], stdin=subprocess.DEVNULL
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stderr.splitlines()
     assert [line for line in lines if line.startswith(("prepare (image)", "train (image)"))] == [
@@ -101,4 +103,4 @@ def test_a_stage_in_a_log_prints_its_progress_not_ray_internals(tmp_path):
     assert not ray_lines, ray_lines
     assert len(lines) <= 12, lines
     session_logs = "/tmp/ray/session_latest/logs"
-    assert "Started a local Ray instance" in open(os.path.join(session_logs, progress.DRIVER_LOG_FILE)).read()
+    assert "Connecting to existing Ray cluster" in open(os.path.join(session_logs, progress.DRIVER_LOG_FILE)).read()

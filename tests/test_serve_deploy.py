@@ -22,11 +22,11 @@ import yaml
 from ray.serve import Application
 from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 from ray.serve._private.utils import import_attr
-from ray_head import head_info, run, start_head, stop_head, wait_for
+from ray_head import run, wait_for
 
 from ray_app.local_cluster import REPO_ROOT
 from ray_app.registry import ModelRegistry
-from ray_app.runtime import SERVE_FAST_PATH_ENV, unused_loopback_port
+from ray_app.runtime import unused_loopback_port
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 from serving_load import APP_CONFIG, build_registry, request_bodies  # noqa: E402
@@ -75,12 +75,11 @@ def replica_pids() -> set[int]:
 
 
 @pytest.fixture(scope="module")
-def deployed(tmp_path_factory):
+def deployed(shared_head, tmp_path_factory):
+    """The app deployed on the session's shared head (tests/ray_head.py: token auth and HAProxy, as
+    the cluster configs start Ray); Serve is shut down afterwards, the cluster stays."""
     folder = tmp_path_factory.mktemp("deploy")
-    # HAProxy's stats and Prometheus listeners default to fixed ports (8404, 9101): free ones here.
-    ports = {"RAY_SERVE_HAPROXY_STATS_PORT": str(unused_loopback_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(unused_loopback_port())}
-    info = head_info(folder, **SERVE_FAST_PATH_ENV, **ports)
-    start_head(info, num_cpus=2)
+    info = {**shared_head, "folder": folder}
     try:
         models = build_registry(str(folder / "registry"), "tiny", 16)["models"]
         ModelRegistry(models).register("image", str(folder / "registry" / "bundle"), {"run_name": "v2"}, alias="production")
@@ -92,13 +91,7 @@ def deployed(tmp_path_factory):
         wait_for(lambda: healthy(info["url"]), "the deployed app's /healthz", limit_s=180)
         yield info
     finally:
-        haproxies = [
-            p for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "haproxy" and "haproxy-serve" in str(p.info["cmdline"])
-        ]
-        stop_head()
-        # `ray stop --force` leaves HAProxy running (Ray 2.60): it would hold the port.
-        for p in haproxies:
-            p.kill()
+        run(info, "serve", "shutdown", "-y", "--address", info["dashboard"])
 
 
 def healthy(url: str) -> bool:
@@ -114,7 +107,6 @@ def post(info: dict, body: bytes, key: str | None = API_KEY) -> requests.Respons
 
 
 @pytest.mark.own_cluster
-@pytest.mark.deploy_broken
 def test_serve_deploy_answers_through_haproxy_with_auth(deployed):
     answer = post(deployed, deployed["bodies"][0])
     assert answer.status_code == 200, answer.text
@@ -129,7 +121,6 @@ def test_serve_deploy_answers_through_haproxy_with_auth(deployed):
 
 
 @pytest.mark.own_cluster
-@pytest.mark.deploy_broken
 def test_bad_body_gets_json_422_and_the_app_keeps_serving(deployed):
     answer = post(deployed, b"<html>not an image</html>")
     assert answer.status_code == 422
@@ -138,7 +129,6 @@ def test_bad_body_gets_json_422_and_the_app_keeps_serving(deployed):
 
 
 @pytest.mark.own_cluster
-@pytest.mark.deploy_broken
 def test_pinning_a_version_by_redeploy_reconfigures_in_place_with_zero_failures(deployed):
     """``deployments: [{name: image-model, user_config: {model: "1"}}]`` + ``serve deploy`` again, as
     the comment in app.yaml tells users: a lightweight update, no replica restart, no failed request."""
