@@ -118,13 +118,14 @@ class ReleaseJudge:
     ``min_requests`` in the window and its error rate exceeds the stable one's (0 when stable has
     fewer than ``min_requests``) by more than the margin, or — both versions having enough
     requests — its p99 exceeds stable's by more than the p99 margin. Promotion (canary with
-    ``promote``): one full window since the release began, ``min_requests`` for the candidate in
-    it, and no rollback."""
+    ``promote``): one full window since the candidate's first request, ``min_requests`` for it in
+    the window, and no rollback."""
 
     def __init__(self, cfg: ReleaseConfig, now: float) -> None:
         self.cfg = cfg
         self.phase = cfg.mode
         self.started = now
+        self.candidate_since: float | None = None  # first candidate outcome: the window starts there
         self.reason: str | None = None
         self.decided_at: float | None = None
         self.outcomes: dict[str, collections.deque[tuple[float, bool, float]]] = {
@@ -136,6 +137,8 @@ class ReleaseJudge:
 
     def observe(self, outcomes: list[tuple[str, bool, float]], agreements: list[bool], now: float) -> None:
         for role, ok, latency_ms in outcomes:
+            if role == CANDIDATE and self.candidate_since is None:
+                self.candidate_since = now
             self.outcomes[role].append((now, bool(ok), float(latency_ms)))
             self.totals[role]["requests"] += 1
             self.totals[role]["errors"] += 0 if ok else 1
@@ -175,7 +178,7 @@ class ReleaseJudge:
                     f"candidate p99 {candidate.p99_ms:.0f} ms exceeds stable's {stable.p99_ms:.0f} ms beyond the margin "
                     f"(limit {limit:.0f} ms; window {cfg.window_s:g} s)"
                 )
-        if self.phase == "canary" and cfg.promote and now - self.started >= cfg.window_s:
+        if self.phase == "canary" and cfg.promote and now - self.candidate_since >= cfg.window_s:
             return "promote", (
                 f"canary held for {cfg.window_s:g} s: {candidate.requests} requests, error rate {candidate.error_rate:.1%} "
                 f"(stable {stable.error_rate:.1%}), p99 {candidate.p99_ms:.0f} ms (stable "
