@@ -8,9 +8,10 @@ fault injected per phase, and a table of requests sent, failed and p99 during ea
 * a gateway replica SIGKILLed (two gateway replicas; the proxy routes around the dead one);
 * the Serve controller killed and restarted by Ray (the data plane keeps serving);
 * an alias rollout (a new version registered as ``production`` mid-load; replicas swap in place);
+* a canary rollback: a second app serves the image model with a canary release of a candidate
+  whose forward pass raises; its failures are answered by the stable version until the release
+  judge rolls it back on its error rate (``ray_app.serving.release``);
 * scale from zero under a burst (the click model, ``min_replicas: 0``, idle until the burst).
-
-Canary rollback (issue 13 item 3) is not implemented: its row says so.
 
 Models are untrained (the serving path is under test, not what they learned): the image workload's
 real architecture at 28×28, and the click model's, registered in a temporary registry.
@@ -82,6 +83,43 @@ class PoisonLoader:
 
         bundle.workload = Poisonable()
         return bundle
+
+
+class BrokenVersionLoader:
+    """The registry loader, except that one version's forward pass raises: a release candidate
+    that loads, takes traffic and fails every request it gets."""
+
+    def __init__(self, models: str, broken_version: int) -> None:
+        self.models, self.broken_version = models, broken_version
+
+    def resolve(self, workload: str, ref: str) -> str:
+        from ray_app.serving.loaders import RegistryLoader
+
+        return RegistryLoader(self.models).resolve(workload, ref)
+
+    def load(self, workload: str, resolved: str, use_gpu: bool):
+        from ray_app.serving.loaders import RegistryLoader
+
+        bundle = RegistryLoader(self.models).load(workload, resolved, use_gpu)
+        if bundle.info.get("version") == self.broken_version:
+
+            def broken_forward(inputs):
+                raise RuntimeError("chaos: broken candidate")
+
+            bundle.predict_proba = broken_forward
+        return bundle
+
+
+def canary_args(models: str, key_digest: str, candidate: int) -> dict[str, Any]:
+    """One gateway, the image model and a candidate at 30% of the traffic, judged over 30 s with
+    at least 20 candidate requests (a broken candidate is rolled back as soon as it has 20)."""
+    small = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0}
+    release = {"candidate": str(candidate), "traffic_percent": 30, "window_s": 30, "min_requests": 20, "report_interval_s": 0.25}
+    return {
+        "models": models,
+        "gateway": {**small, "api_key_sha256": [key_digest]},
+        "workloads": {"image": {**small, "alias_poll_s": 0.5, "release": release}},
+    }
 
 
 def click_registry(models: str, root: str) -> None:
@@ -210,7 +248,38 @@ def main() -> None:
     phase("gateway replica SIGKILL", kill_gateway)
     phase("Serve controller restart", restart_controller)
     phase("alias rollout", rollout)
-    rows.append({"fault": "canary rollback", "note": "not implemented (issue 13 item 3)"})
+
+    # Canary rollback: its own app (a release changes the gateway's and model's arguments, which
+    # would restart the main app's deployments); the candidate is a new version that raises.
+    candidate = ModelRegistry(models).register("image", os.path.join(root, "bundle"), {"run_name": "chaos-broken"})
+    key_digest = hashlib.sha256(api_key.encode()).hexdigest()
+    canary_app = compose_app(canary_args(models, key_digest, candidate), loaders={"image": BrokenVersionLoader(models, candidate)})
+    serve.run(canary_app, name="canary", route_prefix="/canary")
+    wait_http(f"{base}/canary/readyz")
+    canary_url, started = f"{base}/canary/image/predict", time.monotonic()
+    rolled_back: dict[str, Any] = {}
+
+    def watch_release() -> None:
+        while time.monotonic() - started < args.seconds * 2 and not rolled_back:
+            state = requests.get(f"{base}/canary/image/release", headers=headers, timeout=10).json()
+            if state.get("phase") == "rolled_back":
+                rolled_back.update(state, after_s=time.monotonic() - started)
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch_release)
+    watcher.start()
+    row = closed_loop(canary_url, lambda i: (bodies[i % len(bodies)], "image/png"), args.concurrency, args.seconds * 2, headers)
+    watcher.join()
+    note = (
+        f"candidate v{candidate} raises; rolled back after {rolled_back['after_s']:.1f} s "
+        f"({rolled_back['totals']['candidate']['requests']} candidate requests, all answered by stable), "
+        f"alias production still -> {ModelRegistry(models).aliases('image')['production']}"
+        if rolled_back
+        else f"candidate v{candidate} raises; NOT rolled back within {args.seconds * 2:g} s"
+    )
+    rows.append({"fault": "canary rollback", **row, "note": note})
+    print(f"  canary rollback: {row['requests'] + row['failed']} sent, {row['failed']} failed, p99 {row['p99_ms']:.0f} ms; {note}")
+    serve.delete("canary")
 
     # Scale from zero: the click model idles at zero replicas; then a burst of concurrent events.
     click_url, event = f"{base}/ctr/predict", json.dumps({"age": 31, "user": "u7"}).encode()
