@@ -19,6 +19,7 @@ from ray_app.demos.data import write_image_folders, write_text_demo
 from ray_app.runtime import unused_loopback_port
 from ray_app.serving.app import run_serve
 
+IMAGE_SHAPE_FLAGS = ["--image-size", "32", "--channels", "3"]
 IMAGES_PER_RUN = 600  # real digits: enough to learn well above chance in a few CPU epochs
 REVIEWS = 600  # real Rotten Tomatoes snippets for the text chain
 TEXT_FLAGS = ["--labels", "fresh", "rotten", "--max-length", "64"]
@@ -58,11 +59,11 @@ def demo_images(tmp_path_factory) -> str:
     return folder
 
 
-def train_evaluate_register(workload: str, workspace: str, run_name: str, *train_flags: str) -> dict:
-    """The rest of a chain after prepare, through the CLI: train (2 workers), evaluate, register."""
+def train_evaluate_register(workload: str, workspace: str, run_name: str, *train_flags: str, num_workers: int = 2) -> dict:
+    """The rest of a chain after prepare, through the CLI: train, evaluate, register."""
     common = ["--workspace", workspace, "--run-name", run_name]
     return {
-        "trained": run_cli([workload, "train", *common, "--num-workers", "2", *train_flags]),
+        "trained": run_cli([workload, "train", *common, "--num-workers", str(num_workers), *train_flags]),
         "evaluated": run_cli([workload, "evaluate", *common]),
         "registered": run_cli([workload, "register", *common, "--alias", "production"]),
     }
@@ -116,11 +117,15 @@ def start_endpoint(session_serve):
 
 
 @pytest.fixture(scope="session")
-def trained_workspace(ray_session, demo_images, tmp_path_factory) -> dict:
-    """prepare -> train (2 workers) -> evaluate -> register, once, through the CLI."""
+def trained_workspace(ray_session, demo_images, tmp_path_factory, chain) -> dict:
+    """prepare -> train -> evaluate -> register, once, through the CLI. The suite's 2-worker (DDP)
+    training chain. Prepared at 32×32 RGB, neither being the default (28, 1): train, predict and
+    serve must take the shape from prepare without the flags being repeated (test_image_chain).
+    Each epoch costs a fixed few seconds of Ray Data start-up for its train and val passes,
+    whatever its rows: fewer epochs of smaller batches learn as much for less."""
     workspace = str(tmp_path_factory.mktemp("workspace"))
-    prepared = run_cli(["image", "prepare", "--workspace", workspace, "--input", demo_images])
-    rest = train_evaluate_register("image", workspace, "chain", "--epochs", "5", "--batch-size", "16")
+    prepared = run_cli(["image", "prepare", "--workspace", workspace, "--input", demo_images, *IMAGE_SHAPE_FLAGS])
+    rest = chain("image", workspace, "chain", "--epochs", "3", "--batch-size", "8", num_workers=2)
     return {"workspace": workspace, "prepared": prepared, **rest}
 
 

@@ -1,8 +1,7 @@
-"""Data-shaping options end to end and class-mixed training batches, on real digits (scikit-learn's
-1,797 8×8 images) written class folder by class folder.
-
-prepare --image-size 32 --channels 3 once; then train, predict and serve never repeat the flags,
-and the training stream read exactly as train reads it mixes classes from the first batch.
+"""Class-mixed training batches, on real digits (scikit-learn's 1,797 8×8 images) written class
+folder by class folder: the training stream, read exactly as train reads it, mixes classes from the
+first batch. Also: row ids for table inputs, and the text chain's prepared max length. (Prepare
+options carried through train, predict and serve: test_image_chain, on the main image chain.)
 """
 
 from __future__ import annotations
@@ -14,16 +13,13 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import requests
 from PIL import Image
-from ray import serve
 
 from ray_app import storage
 from ray_app.cli import run_cli
 from ray_app.engine.train import WorkloadCollate, training_batches, training_dataset
 from ray_app.prepared import load_manifest
 from ray_app.workloads import get_workload
-from ray_app.workloads.base import OptionConflict
 
 # Neither is the default (28, 1); 32×32 RGB rows (3 KB) also make the prepared split span several
 # Ray Data blocks (~1 MiB each), as real data does, so a class-sorted block would show in batches.
@@ -68,39 +64,6 @@ def test_training_batches_mix_classes_from_the_first_step(shaped):
     batches = training_batches(training_dataset(data, "train", workload, seed=0), collate, 64, seed=0, epoch=1, training=True)
     classes_per_batch = [len(set(targets.tolist())) for _, targets in itertools.islice(batches, 20)]
     assert len(classes_per_batch) == 20 and min(classes_per_batch) >= 8, classes_per_batch
-
-
-def test_prepare_options_carry_through_train_predict_and_serve(shaped, sorted_digits, start_endpoint, tmp_path):
-    common = shaped["common"]
-    with pytest.raises(OptionConflict, match="--image-size 28 contradicts 32 recorded at prepare"):
-        run_cli(["image", "train", *common, "--run-name", "shaped", "--image-size", "28"])
-    trained = run_cli(["image", "train", *common, "--run-name", "shaped", "--epochs", "1", "--width", "4", "--num-workers", "1"])
-    bundle = storage.read_json(os.path.join(trained["checkpoint"], "bundle.json"))
-    assert (bundle["options"]["image_size"], bundle["options"]["channels"], bundle["options"]["width"]) == (SIZE, CHANNELS, 4)
-    run_cli(["image", "register", *common, "--run-name", "shaped", "--alias", "production"])
-
-    some_digits = tmp_path / "some"
-    for digit in ("0", "7"):
-        os.makedirs(some_digits / digit)
-        for name in sorted(os.listdir(os.path.join(sorted_digits, digit)))[:10]:
-            (some_digits / digit / name).write_bytes(open(os.path.join(sorted_digits, digit, name), "rb").read())
-    output = str(tmp_path / "predictions")
-    with pytest.raises(OptionConflict, match="--channels 1 contradicts 3"):
-        run_cli(["image", "predict", *common, "--input", str(some_digits), "--output", output, "--channels", "1"])
-    predicted = run_cli(["image", "predict", *common, "--input", str(some_digits), "--output", output])
-    assert predicted["rows_ok"] == 20 and predicted["rows_rejected"] == 0
-    ids = pq.read_table(os.path.join(output, "status=ok"), columns=["path"])["path"].to_pylist()
-    assert len(set(ids)) == 20
-
-    # Serve decodes with the bundle's 32×32 RGB: a grey 8×8 upload gets an answer, not a shape error.
-    endpoint = start_endpoint("image", shaped["workspace"], min_replicas=1, max_replicas=1)
-    try:
-        with open(os.path.join(some_digits, "7", sorted(os.listdir(some_digits / "7"))[0]), "rb") as f:
-            answer = requests.post(endpoint, data=f.read(), timeout=60)
-        assert answer.status_code == 200, answer.text
-        assert answer.json()["predictions"][0]["label"] in [str(d) for d in range(10)]
-    finally:
-        serve.shutdown()
 
 
 def test_table_rows_for_prediction_get_unique_file_and_row_ids(ray_session, tmp_path):
