@@ -81,7 +81,7 @@ def test_generator_has_criteo_schema_and_known_auc(ray_session, tmp_path):
 @pytest.fixture(scope="module")
 def ctr_endpoint(ctr_run, start_endpoint):
     yield start_endpoint("ctr", ctr_run["common"][1], min_replicas=0, max_replicas=2, downscale_delay_s=2)
-    serve.shutdown()
+    serve.delete("ctr")
 
 
 def _running_replicas() -> int:

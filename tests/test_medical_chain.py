@@ -47,7 +47,7 @@ def medical(ray_session, tmp_path_factory, chain) -> dict:
             "0.25",
         ]  # fmt: skip
     )
-    rest = chain("image", workspace, "med", "--epochs", "4", "--batch-size", "16", "--lr", "0.003")
+    rest = chain("image", workspace, "med", "--epochs", "3", "--batch-size", "16", "--lr", "0.003")
     return {"folder": folder, "counts": counts, "workspace": workspace, "prepared": prepared, **rest}
 
 
@@ -144,7 +144,7 @@ def test_batch_predict_and_the_endpoint_answer_dicom_with_findings(medical, star
             dict(zip(by_uid[uid]["top_labels"], by_uid[uid]["top_probabilities"], strict=True))["Effusion"], abs=1e-4
         )
     finally:
-        serve.shutdown()
+        serve.delete("image")
     _assert_no_identifiers(medical["workspace"], output)
 
 
