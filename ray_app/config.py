@@ -161,6 +161,9 @@ class ServeConfig(DeploymentScaling):
     batch_wait_timeout_s: float = Field(0.005, ge=0)
     request_timeout_s: float = Field(30.0, gt=0, description="a request not answered in time gets 503 instead of hanging")
     alias_poll_s: float = Field(10.0, ge=0, description="how often replicas re-read the alias they serve (0: only on reconfigure)")
+    feature_store: str | None = Field(
+        None, description="Redis URL of the online feature store (ctr behaviour features); password in $RAY_APP_REDIS_PASSWORD"
+    )
     runtime: str = Field("auto", pattern="^(auto|torch|onnx)$", description="CPU replicas: onnx, torch, or auto (onnx where exported)")
     onnx_precision: str = Field("auto", pattern="^(auto|fp32|int8)$", description="auto: the int8 text export where register accepted it")
     release: ReleaseConfig | None = Field(None, description="a canary or shadow release of a candidate version (see README)")

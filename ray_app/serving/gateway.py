@@ -309,6 +309,37 @@ class Gateway:
         finally:
             self.metrics.observe(workload, status, (time.perf_counter() - started) * 1000)
 
+    # ---- online state: events that update it, and erasure ---------------------------------
+    @api.post("/{workload}/events", openapi_extra=PREDICT_BODY, responses=ERROR_RESPONSES)
+    async def events(self, workload: WorkloadName, request: Request) -> Any:
+        """Events with their outcome (ctr: a click or not) that update the online behaviour
+        history the next predictions read. Idempotent per event id: retry freely."""
+        try:
+            self._authorize(request)
+            limits = self._limits(workload)
+            payload = await read_body(request, limits.max_body_bytes, self.settings.gateway.body_timeout_s)
+            return self._state_answer(await self._call(workload, "events", payload))
+        except RequestError as exc:
+            return error_response(exc.status_code, exc.message, exc.headers)
+
+    @api.delete("/{workload}/users/{user_id}", responses=ERROR_RESPONSES)
+    async def purge_user(self, workload: WorkloadName, user_id: str, request: Request) -> Any:
+        """Forget one user's online state (an erasure request)."""
+        try:
+            self._authorize(request)
+            self._limits(workload)
+            return self._state_answer(await self._call(workload, "purge", user_id))
+        except RequestError as exc:
+            return error_response(exc.status_code, exc.message, exc.headers)
+
+    @staticmethod
+    def _state_answer(answer: dict[str, Any]) -> Any:
+        if answer["status"] == 503:
+            raise RequestError(503, answer["message"], {"Retry-After": "1"})
+        if answer["status"] != 200:
+            raise RequestError(answer["status"], answer["message"])
+        return answer["body"]
+
     # Single-workload apps (``ray-app <workload> serve``) live under /<workload>; Serve strips that
     # prefix, so their requests arrive here.
     @api.post("/predict", openapi_extra=PREDICT_BODY, include_in_schema=False)
@@ -318,6 +349,14 @@ class Gateway:
     @api.get("/model", include_in_schema=False)
     async def model_info_only_workload(self, request: Request) -> Any:
         return await self.model_info(self._only_workload(), request)
+
+    @api.post("/events", include_in_schema=False)
+    async def events_only_workload(self, request: Request) -> Any:
+        return await self.events(self._only_workload(), request)
+
+    @api.delete("/users/{user_id}", include_in_schema=False)
+    async def purge_user_only_workload(self, user_id: str, request: Request) -> Any:
+        return await self.purge_user(self._only_workload(), user_id, request)
 
     @api.get("/{workload}/release", responses=ERROR_RESPONSES)
     async def release_status(self, workload: WorkloadName, request: Request) -> Any:

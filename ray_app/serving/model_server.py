@@ -23,7 +23,7 @@ from ray import serve
 from ray_app.config import ServeConfig
 from ray_app.serving.loaders import ModelLoader, RegistryLoader, ServedModel
 from ray_app.serving.metrics import ModelMetrics
-from ray_app.workloads.base import BadInput
+from ray_app.workloads.base import BadInput, StateUnavailable
 
 log = logging.getLogger("ray.serve")  # Serve's logger: lines land in the replica's log file
 DECODE_THREADS = 4
@@ -72,6 +72,7 @@ class ModelServer:
                 self.model_ref = ref
             return False
         bundle = self.loader.load(self.workload_name, uri, self.settings.num_gpus > 0)
+        bundle.workload.bind_serving(self.settings)  # e.g. the ctr online feature store
         if ref != self.wanted_ref:  # a pin arrived while this loaded: it wins
             log.info("%s: dropping %s (loaded for %r; %r is wanted now)", self.workload_name, uri, ref, self.wanted_ref)
             return False
@@ -133,6 +134,27 @@ class ModelServer:
             "device": str(b.device),
             "request_schema": b.workload.request_schema(b.options, b.manifest),
         }
+
+    # ---- online state (ctr behaviour history) ----------------------------------------------
+    async def events(self, payload: bytes) -> dict[str, Any]:
+        """Events that update the workload's online state, answered like ``predict``: bad input is
+        a 422, a store that cannot take the write a 503 (the client retries; ingest is idempotent)."""
+        b = self.bundle
+        ingest = functools.partial(b.workload.ingest_events, payload, b.options, b.manifest, max_items=self.settings.max_items_per_request)
+        return await self._state_call(ingest)
+
+    async def purge(self, user: str) -> dict[str, Any]:
+        b = self.bundle
+        return await self._state_call(functools.partial(b.workload.purge_user, user, b.manifest))
+
+    async def _state_call(self, call: Any) -> dict[str, Any]:
+        try:
+            body = await asyncio.get_running_loop().run_in_executor(self._decoders, call)
+        except BadInput as exc:
+            return {"status": 422, "message": str(exc)}
+        except StateUnavailable as exc:
+            return {"status": 503, "message": str(exc)}
+        return {"status": 200, "body": body}
 
     # ---- inference ------------------------------------------------------------------------
     async def predict(self, payload: bytes) -> dict[str, Any]:

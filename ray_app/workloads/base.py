@@ -26,6 +26,10 @@ class BadInput(ValueError):
     """An input that cannot be used; the message is the reason written to rejects or the 4xx body."""
 
 
+class StateUnavailable(RuntimeError):
+    """Online state (a feature store) cannot be written now; the answer is a 503, the client retries."""
+
+
 @dataclass
 class PrepareInputs:
     """What prepare maps over: a dataset of work items, the rows they stand for, dataset facts."""
@@ -319,6 +323,18 @@ class Workload(ABC):
         return None  # most workloads keep no per-model state
 
     # ---- serve ---------------------------------------------------------------------------
+    def bind_serving(self, settings: Any) -> None:
+        """Serving-time resources from the replica's ``ServeConfig`` (e.g. an online feature store)."""
+        return None  # most workloads need none
+
+    def ingest_events(self, payload: bytes, options: BaseModel, manifest: dict[str, Any], max_items: int | None = None) -> dict[str, Any]:
+        """``POST /<workload>/events``: events that update online state; BadInput where there is none."""
+        raise BadInput(f"{self.name}: this workload takes no events")
+
+    def purge_user(self, user: str, manifest: dict[str, Any]) -> dict[str, Any]:
+        """``DELETE /<workload>/users/<user>``: forget a user's online state."""
+        raise BadInput(f"{self.name}: this workload keeps no per-user state")
+
     @abstractmethod
     def decode_request(self, payload: bytes, options: BaseModel, manifest: dict[str, Any]) -> list[tuple[Any, dict[str, Any]]]:
         """An HTTP body -> [(decoded item, per-item response extras)]; raises BadInput (-> 4xx)."""

@@ -8,8 +8,11 @@ prepare, batch predict and serving, so the served features are the trained featu
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import numpy as np
@@ -18,6 +21,7 @@ import pyarrow as pa
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic.types import StrictFloat, StrictInt, StrictStr
 
+from ray_app.features.behaviour import SEQUENCE_CATEGORIES, SEQUENCE_CLICKS, SEQUENCE_ITEMS, BehaviourSpec, empty_history
 from ray_app.workloads.base import (
     DATA,
     MODEL,
@@ -26,6 +30,7 @@ from ray_app.workloads.base import (
     STATUS_REJECTED,
     BadInput,
     PrepareInputs,
+    StateUnavailable,
     Workload,
     assign_split,
     read_table,
@@ -38,6 +43,10 @@ if TYPE_CHECKING:
     import torch
 
 CLASSES = ["no_click", "click"]
+log = logging.getLogger("ray.serve")  # in a replica, Serve's logger: lines land in its log file
+# After the online store fails, requests skip it (and degrade at once) for this long, so a store
+# that is down costs each request nothing rather than a connect timeout.
+STORE_RETRY_S = 1.0
 
 
 class CTROptions(BaseModel):
@@ -53,6 +62,19 @@ class CTROptions(BaseModel):
     passthrough_columns: list[str] = Field(
         default_factory=lambda: ["true_probability"], description="kept in prepared data when present (e.g. the generator's truth)"
     )
+    # Behaviour features (ray_app.features.behaviour): off unless a user column is named.
+    behaviour_user_column: str | None = Field(None, description="user id column: turns on behaviour features (needs id and time columns)")
+    behaviour_category_column: str | None = Field(None, description="item category kept in the last-N history (a categorical column)")
+    behaviour_last_n: int = Field(10, gt=0, description="the user's last N events the model attends over")
+    behaviour_user_windows_s: list[int] = Field(
+        default_factory=lambda: [3600, 86400, 7 * 86400], description="sliding windows (s) for the user's event and click counts"
+    )
+    behaviour_item_windows_s: list[int] = Field(
+        default_factory=lambda: [86400, 7 * 86400], description="sliding windows (s) for the item's event and click counts"
+    )
+    behaviour_dropout: float = Field(
+        0.1, ge=0, lt=1, description="share of training rows shown with no history, so the store-down fallback is a case the model knows"
+    )
 
 
 @dataclass
@@ -64,6 +86,9 @@ class CTRTransform:
     buckets: int
     means: list[float]
     stds: list[float]
+    # Behaviour history packed after the row's own fields (0: none): see ``_with_sequences``.
+    sequence_length: int = 0
+    sequence_fields: list[int] = field(default_factory=list)  # [item field, category field or -1]
 
     def apply(self, frame: Mapping[str, Any], n: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
         """(hashed field-offset category ids N×F int64, standardised numerics N×D float32, reject
@@ -92,7 +117,75 @@ class CTRTransform:
             # pandas' hash_array uses a fixed key: stable across processes and machines.
             hashed = pd.util.hash_array(raw.astype(str).astype(object), categorize=False)
             categorical[:, j] = j * self.buckets + (hashed % np.uint64(self.buckets)).astype(np.int64)
+        if self.sequence_length:
+            categorical, numeric = self._with_sequences(frame, n, categorical, numeric, reasons)
         return categorical, numeric, reasons
+
+    def _with_sequences(
+        self, frame: Mapping[str, Any], n: int, categorical: np.ndarray, numeric: np.ndarray, reasons: list[str | None]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The last-N history as more columns of the same two matrices (so prepared data, batch
+        predict, serving and ONNX keep two inputs): L item ids then L category ids appended to
+        ``categorical``, hashed into the item's and the category's own buckets so history and the
+        target item share embeddings (-1 pads); L click flags appended to ``numeric``."""
+        length = self.sequence_length
+        ids = np.full((n, 2 * length), -1, dtype=np.int64)
+        clicks = np.zeros((n, length), dtype=np.float32)
+        sequences = {c: _sequence_column(frame, c, n) for c in (SEQUENCE_ITEMS, SEQUENCE_CATEGORIES, SEQUENCE_CLICKS)}
+        for column, values in sequences.items():
+            for i in (i for i, v in enumerate(values) if v is None):
+                reasons[i] = reasons[i] or f"{column}: missing"
+        for offset, (column, j) in enumerate(zip((SEQUENCE_ITEMS, SEQUENCE_CATEGORIES), self.sequence_fields, strict=True)):
+            rows = [[str(v) for v in list(values)[:length]] if values is not None and j >= 0 else [] for values in sequences[column]]
+            flat = np.array([v for row in rows for v in row], dtype=object)
+            if len(flat):  # one hash call for the whole batch, scattered back to (row, position)
+                hashed = j * self.buckets + (pd.util.hash_array(flat, categorize=False) % np.uint64(self.buckets)).astype(np.int64)
+                row_of = np.repeat(np.arange(n), [len(r) for r in rows])
+                position = np.concatenate([np.arange(len(r)) for r in rows if r])
+                ids[row_of, offset * length + position] = hashed
+        for i, values in enumerate(sequences[SEQUENCE_CLICKS]):
+            flags = [] if values is None else list(values)[:length]
+            clicks[i, : len(flags)] = np.asarray(flags, dtype=np.float32)
+        return np.concatenate([categorical, ids], axis=1), np.concatenate([numeric, clicks], axis=1)
+
+
+def _sequence_column(frame: Mapping[str, Any], column: str, n: int) -> list[Any]:
+    """A column of lists, one per row (None where missing). Not through ``np.asarray``: lists of
+    equal length would become one 2-D array."""
+    if column not in frame:
+        return [None] * n
+    values = frame[column]
+    return [
+        None if v is None or (isinstance(v, float) and np.isnan(v)) else v
+        for v in (values.tolist() if isinstance(values, pd.Series) else values)
+    ]
+
+
+def behaviour_spec(options: CTROptions) -> BehaviourSpec | None:
+    """The behaviour-feature definition these options ask for, or None (off)."""
+    o = options
+    if not o.behaviour_user_column:
+        return None
+    if not (o.id_column and o.time_column and o.item_column):
+        raise ValueError("behaviour features need --id-column (event ids), --time-column and --item-column")
+    if o.item_column not in o.categorical_columns:
+        raise ValueError(f"behaviour features need the item column {o.item_column!r} among --categorical-columns")
+    return BehaviourSpec(
+        user_column=o.behaviour_user_column,
+        item_column=o.item_column,
+        time_column=o.time_column,
+        label_column=o.label_column,
+        event_column=o.id_column,
+        category_column=o.behaviour_category_column,
+        last_n=o.behaviour_last_n,
+        user_windows_s=tuple(o.behaviour_user_windows_s),
+        item_windows_s=tuple(o.behaviour_item_windows_s),
+    )
+
+
+def _dropped(key: str, share: float) -> bool:
+    """A stable ``share`` of training rows, chosen by a hash of the row key."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8, person=b"bh-drop").digest(), "big") / 2**64 < share
 
 
 def _finite_float(value: float | int) -> float:
@@ -158,19 +251,32 @@ class CTRPreparer:
         self.transform = CTRTransform(**manifest["transform"])
         self.cutoffs = manifest.get("time_cutoffs")
         self.fractions = manifest["split_fractions"]
+        self.behaviour = BehaviourSpec.from_dict(manifest["behaviour"]) if manifest.get("behaviour") else None
 
     def __call__(self, batch: dict[str, np.ndarray] | pd.DataFrame) -> pa.Table:
         o = self.options
         batch = batch if isinstance(batch, pd.DataFrame) else pd.DataFrame({k: list(v) for k, v in batch.items()})
         n = len(batch)
+        ids = batch[o.id_column].astype(str).tolist() if o.id_column and o.id_column in batch else [None] * n
+        items = batch[o.item_column].astype(str).tolist() if o.item_column and o.item_column in batch else [None] * n
+        times = pd.to_numeric(batch[o.time_column], errors="coerce").tolist() if o.time_column and o.time_column in batch else [None] * n
+        keys = [ids[i] or f"{items[i]}|{times[i]}|{i}" for i in range(n)]
+        splits = [split_of(t, self.cutoffs, k, self.fractions) for t, k in zip(times, keys, strict=True)]
+        if self.behaviour is not None and o.behaviour_dropout > 0:
+            # Some training rows as if the store were down: the fallback is then a case the model
+            # has learned (prepared features only; the definition itself stays untouched).
+            dropped = [i for i in range(n) if splits[i] == "train" and _dropped(keys[i], o.behaviour_dropout)]
+            if dropped:
+                batch = batch.copy()
+                for column, values in empty_history(self.behaviour, len(dropped)).items():
+                    batch[column] = batch[column].astype(object)
+                    for i, value in zip(dropped, values, strict=True):
+                        batch.at[batch.index[i], column] = value
         categorical, numeric, reasons = self.transform.apply(batch)
         labels, label_reasons = (
             parse_labels(batch[o.label_column]) if o.label_column in batch else (np.zeros(n, np.int64), ["missing label"] * n)
         )
         reasons = [r or lr for r, lr in zip(reasons, label_reasons, strict=True)]
-        ids = batch[o.id_column].astype(str).tolist() if o.id_column and o.id_column in batch else [None] * n
-        items = batch[o.item_column].astype(str).tolist() if o.item_column and o.item_column in batch else [None] * n
-        times = pd.to_numeric(batch[o.time_column], errors="coerce").tolist() if o.time_column and o.time_column in batch else [None] * n
         if self.cutoffs is not None:
             # Splits are by time here: an event without a usable time has no split. NaN compares
             # false with every cutoff, so it used to land in "test" unnoticed.
@@ -178,14 +284,13 @@ class CTRPreparer:
                 r or (None if t is not None and np.isfinite(t) else f"{o.time_column}: missing or not a number")
                 for r, t in zip(reasons, times, strict=True)
             ]
-        keys = [ids[i] or f"{items[i]}|{times[i]}|{i}" for i in range(n)]
         truth = batch["true_probability"].astype(float).tolist() if "true_probability" in batch else [None] * n
         return pa.table(
             {
                 "id": [k if ids[i] is None else ids[i] for i, k in enumerate(keys)],
                 "item": items,
                 "label": labels,
-                "split": [split_of(t, self.cutoffs, k, self.fractions) for t, k in zip(times, keys, strict=True)],
+                "split": splits,
                 "categorical": list(categorical),
                 "numeric": list(numeric),
                 "true_probability": truth,
@@ -196,9 +301,9 @@ class CTRPreparer:
         )
 
 
-def fit_transform(ds: ray.data.Dataset, options: CTROptions, cutoff: float | None) -> CTRTransform:
+def fit_transform(ds: ray.data.Dataset, options: CTROptions, cutoff: float | None, behaviour: BehaviourSpec | None = None) -> CTRTransform:
     """Mean/std of log1p numerics over the training time window only (no leakage from the future)."""
-    columns = options.numeric_columns
+    columns = options.numeric_columns + (behaviour.numeric_columns() if behaviour else [])
 
     def moments(batch: pd.DataFrame) -> pd.DataFrame:
         if cutoff is not None:
@@ -219,10 +324,16 @@ def fit_transform(ds: ray.data.Dataset, options: CTROptions, cutoff: float | Non
             mean = sums[f"{c}__s"] / count
             means.append(float(mean))
             stds.append(float(max(np.sqrt(max(sums[f"{c}__ss"] / count - mean**2, 0.0)), 1e-6)))
-    return CTRTransform(options.numeric_columns, options.categorical_columns, options.buckets, means, stds)
+    if behaviour is None:
+        return CTRTransform(columns, options.categorical_columns, options.buckets, means, stds)
+    category = (
+        options.categorical_columns.index(behaviour.category_column) if behaviour.category_column in options.categorical_columns else -1
+    )
+    fields = [options.categorical_columns.index(behaviour.item_column), category]
+    return CTRTransform(columns, options.categorical_columns, options.buckets, means, stds, behaviour.last_n, fields)
 
 
-def deepfm(num_fields: int, num_numeric: int, buckets: int, dim: int, hidden: list[int]):
+def deepfm(num_fields: int, num_numeric: int, buckets: int, dim: int, hidden: list[int], sequence_length: int = 0, item_field: int = 0):
     import torch
     from torch import nn
 
@@ -239,15 +350,38 @@ def deepfm(num_fields: int, num_numeric: int, buckets: int, dim: int, hidden: li
             self.numeric_embedding = nn.Parameter(torch.randn(num_numeric, dim) * 0.01)
             nn.init.normal_(self.embedding.weight, std=0.01)
             nn.init.zeros_(self.first_order.weight)
-            layers, width = [], (num_fields + num_numeric) * dim
+            # Behaviour: the history's item(+category, +clicked) embeddings pooled two ways (DIN-style
+            # attention on the target item, and a plain mean) become two more FM/MLP fields.
+            self.sequence_length = sequence_length
+            if sequence_length:
+                self.click_embedding = nn.Embedding(2, dim)
+                self.attention = nn.Sequential(nn.Linear(4 * dim, 16), nn.ReLU(), nn.Linear(16, 1))
+            layers, width = [], (num_fields + num_numeric + (2 if sequence_length else 0)) * dim
             for size in hidden:
                 layers += [nn.Linear(width, size), nn.ReLU()]
                 width = size
             self.mlp = nn.Sequential(*layers, nn.Linear(width, 1))
 
+        def history(self, categorical: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
+            """(batch, 2, dim): attention-pooled and mean-pooled history embeddings."""
+            length = self.sequence_length
+            items, categories = categorical[:, num_fields : num_fields + length], categorical[:, num_fields + length :]
+            present = (items >= 0).unsqueeze(-1).float()
+            history = self.embedding(items.clamp(min=0)) + self.embedding(categories.clamp(min=0)) * (categories >= 0).unsqueeze(-1).float()
+            history = (history + self.click_embedding(numeric[:, num_numeric:].long().clamp(0, 1))) * present
+            target = self.embedding(categorical[:, item_field]).unsqueeze(1).expand_as(history)
+            scores = self.attention(torch.cat([history, target, history * target, history - target], dim=-1))
+            weights = torch.softmax(scores.masked_fill(present == 0, -1e9), dim=1) * present  # no history: all zero
+            mean = history.sum(1) / present.sum(1).clamp(min=1)
+            return torch.stack([(weights * history).sum(1), mean], dim=1)
+
         def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
             categorical, numeric = inputs["categorical"], inputs["numeric"]
-            fields = torch.cat([self.embedding(categorical), numeric.unsqueeze(-1) * self.numeric_embedding], dim=1)
+            pieces = [self.embedding(categorical[:, :num_fields]), numeric[:, :num_numeric].unsqueeze(-1) * self.numeric_embedding]
+            if self.sequence_length:
+                pieces.append(self.history(categorical, numeric))
+            fields = torch.cat(pieces, dim=1)
+            categorical, numeric = categorical[:, :num_fields], numeric[:, :num_numeric]
             pairwise = 0.5 * (fields.sum(1).pow(2) - fields.pow(2).sum(1)).sum(1)
             linear = self.first_order(categorical).sum((1, 2))
             if self.numeric_first_order is not None:
@@ -273,6 +407,12 @@ class CTRWorkload(Workload):
         "embedding_dim": MODEL,
         "hidden": MODEL,
         "passthrough_columns": DATA,
+        "behaviour_user_column": DATA,
+        "behaviour_category_column": DATA,
+        "behaviour_last_n": DATA,
+        "behaviour_user_windows_s": DATA,
+        "behaviour_item_windows_s": DATA,
+        "behaviour_dropout": DATA,
     }
     training_columns: ClassVar[list[str]] = ["categorical", "numeric", "label"]
     id_column: ClassVar[str] = "id"
@@ -299,16 +439,29 @@ class CTRWorkload(Workload):
         # Per workload instance = per predict actor or Serve replica; built on first use.
         self._transform: CTRTransform | None = None
         self._event_model: type[BaseModel] | None = None
+        # Serving only: the online feature store (behaviour models), set by ``bind_serving``.
+        self._store_url: str | None = None
+        self._store: Any = None
+        self._store_down_until = 0.0
+        self._degraded_counter: Any = None
+        self.degraded_predictions = 0
 
     # ---- prepare ---------------------------------------------------------------------------
     def read_prepare_inputs(
         self, input_uri: str, options: CTROptions, val_fraction: float, test_fraction: float, rows_per_block: int
     ) -> PrepareInputs:
         ds = read_table(input_uri)
+        behaviour = behaviour_spec(options)
         required = {options.label_column, *options.numeric_columns, *options.categorical_columns}
+        required |= set(behaviour.event_fields()) if behaviour else set()
         missing = required - set(ds.schema().names)
         if missing:
             raise ValueError(f"{input_uri}: missing column(s) {sorted(missing)}")
+        if behaviour is not None:
+            from ray_app.features.behaviour import add_behaviour_features
+
+            # Point-in-time features, computed once (the passes below and the preparers reuse them).
+            ds = add_behaviour_features(ds, behaviour).materialize()
         cutoffs, rows_in = None, None
         if options.time_column and options.time_column in ds.schema().names:
             raw_times = pd.concat(
@@ -317,10 +470,11 @@ class CTRWorkload(Workload):
             rows_in = len(raw_times)  # counted from the pass we need anyway, not a separate one
             times = pd.to_numeric(raw_times, errors="coerce").dropna()
             cutoffs = [float(times.quantile(1 - val_fraction - test_fraction)), float(times.quantile(1 - test_fraction))]
-        transform = fit_transform(ds, options, cutoffs[0] if cutoffs else None)
+        transform = fit_transform(ds, options, cutoffs[0] if cutoffs else None, behaviour)
         manifest = {
             "classes": CLASSES,
             "transform": asdict(transform),
+            "behaviour": asdict(behaviour) if behaviour else None,
             "time_cutoffs": cutoffs,
             "split_fractions": [val_fraction, test_fraction],
         }
@@ -332,7 +486,10 @@ class CTRWorkload(Workload):
     # ---- train -----------------------------------------------------------------------------
     def build_model(self, options: CTROptions, manifest: dict[str, Any], pretrained: bool = True) -> torch.nn.Module:
         t = manifest["transform"]
-        return deepfm(len(t["categorical_columns"]), len(t["numeric_columns"]), t["buckets"], options.embedding_dim, options.hidden)
+        length, fields = t.get("sequence_length", 0), t.get("sequence_fields") or [0]
+        return deepfm(
+            len(t["categorical_columns"]), len(t["numeric_columns"]), t["buckets"], options.embedding_dim, options.hidden, length, fields[0]
+        )
 
     def collate(self, batch: dict[str, np.ndarray], options: CTROptions, manifest: dict[str, Any]):
         import torch
@@ -365,6 +522,12 @@ class CTRWorkload(Workload):
     def read_predict_inputs(self, input_uri: str, options: CTROptions, batch_size: int) -> ray.data.Dataset:
         rows = read_table_rows(input_uri)
         require_id_column(input_uri, rows, options.id_column)
+        behaviour = behaviour_spec(options)
+        if behaviour is not None:
+            from ray_app.features.behaviour import add_behaviour_features
+
+            # A scored log carries its own history: each row's features from the rows before it.
+            rows = add_behaviour_features(rows, behaviour)
         return rows
 
     def load_predict_batch(self, batch, options: CTROptions, manifest):
@@ -405,8 +568,15 @@ class CTRWorkload(Workload):
             # is a 422 at validation rather than an OverflowError (a 500) in pydantic's own
             # ``allow_inf_nan`` check or in the transform.
             number = Annotated[StrictFloat | StrictInt, AfterValidator(_finite_float)]
-            fields: dict[str, Any] = {c: (number, ...) for c in t["numeric_columns"]}
+            behaviour = BehaviourSpec.from_dict(manifest["behaviour"]) if manifest.get("behaviour") else None
+            # Behaviour features come from the online store, never from the client.
+            served = set(behaviour.numeric_columns()) if behaviour else set()
+            fields: dict[str, Any] = {c: (number, ...) for c in t["numeric_columns"] if c not in served}
             fields.update({c: (StrictStr | StrictInt, ...) for c in t["categorical_columns"]})
+            if behaviour is not None:
+                fields.setdefault(behaviour.user_column, (StrictStr | StrictInt, ...))
+                # "As of" this time (seconds); default: now. History at or after it is not used.
+                fields[behaviour.time_column] = (number | None, None)
             cached = create_model("ClickEvent", __config__=ConfigDict(extra="ignore"), **fields)
             self._event_model = cached
         return cached
@@ -442,11 +612,108 @@ class CTRWorkload(Workload):
                 field = ".".join(str(p) for p in first["loc"]) or "event"
                 raise BadInput(f"events.{index}.{field}: {first['msg']}") from None
         columns = {name: [event[name] for event in validated] for name in validated[0]}
+        extras: dict[str, Any] = {}
+        if manifest.get("behaviour"):
+            history, degraded = self.read_history(BehaviourSpec.from_dict(manifest["behaviour"]), columns, len(validated))
+            columns.update(history)
+            extras = {"degraded": degraded}
         categorical, numeric, reasons = self.fitted_transform(manifest).apply(columns, len(validated))
         bad = next((r for r in reasons if r), None)
         if bad:
             raise BadInput(bad)
-        return [((categorical[i], numeric[i]), {}) for i in range(len(validated))]
+        return [((categorical[i], numeric[i]), extras) for i in range(len(validated))]
 
     def format_response(self, probabilities: list[np.ndarray], extras, classes: list[str], top_k: int) -> dict[str, Any]:
-        return {"click_probability": [round(float(p[1]), 6) for p in probabilities]}
+        answer: dict[str, Any] = {"click_probability": [round(float(p[1]), 6) for p in probabilities]}
+        if extras and "degraded" in extras[0]:
+            # Scored without the user's history (store down or not configured): static features only.
+            answer["degraded"] = any(e["degraded"] for e in extras)
+        return answer
+
+    # ---- serve: behaviour features from the online store -------------------------------------
+    def bind_serving(self, settings: Any) -> None:
+        self._store_url = getattr(settings, "feature_store", None)
+        self._store = None
+
+    def online_store(self, spec: BehaviourSpec) -> Any:
+        """This replica's Redis client (built on first use; redis-py's pool is thread-safe)."""
+        from ray_app.features.online_store import OnlineStore
+
+        if self._store is None or self._store.spec != spec:
+            if not self._store_url:
+                raise BadInput("no online feature store configured (serve.feature_store)")
+            self._store = OnlineStore(self._store_url, spec)
+        return self._store
+
+    def read_history(self, spec: BehaviourSpec, columns: dict[str, list[Any]], n: int) -> tuple[dict[str, list[Any]], bool]:
+        """Behaviour columns as of each event's time, and whether they had to be left empty: a store
+        that is down, slow or not configured degrades the answer to static features, never fails it."""
+        from ray_app.features.online_store import StoreUnavailable
+
+        now = time.time()
+        times = [now if t is None else float(t) for t in columns.get(spec.time_column, [None] * n)]
+        if self._store_url and time.monotonic() >= self._store_down_until:
+            try:
+                return self.online_store(spec).read(columns[spec.user_column], columns[spec.item_column], times), False
+            except StoreUnavailable as exc:
+                self._store_down_until = time.monotonic() + STORE_RETRY_S
+                log.warning("ctr: online feature store unavailable (%s); scoring on static features", exc)
+        self._count_degraded(n)
+        return empty_history(spec, n), True
+
+    def _count_degraded(self, n: int) -> None:
+        self.degraded_predictions += n
+        try:
+            import ray
+            from ray.util.metrics import Counter
+
+            if self._degraded_counter is None and ray.is_initialized():
+                self._degraded_counter = Counter(
+                    "ray_app_degraded_predictions",
+                    description="predictions scored without behaviour features (store down)",
+                    tag_keys=("workload",),
+                )
+            if self._degraded_counter is not None:
+                self._degraded_counter.inc(n, tags={"workload": self.name})
+        except Exception:  # noqa: BLE001 - a metrics hiccup must not fail the prediction it counts
+            log.debug("ctr: degraded counter not recorded", exc_info=True)
+
+    def ingest_events(self, payload: bytes, options: CTROptions, manifest: dict[str, Any], max_items: int | None = None) -> dict[str, Any]:
+        """``POST /ctr/events``: events (with their click outcome) update the online history."""
+        import pydantic_core
+
+        from ray_app.features.online_store import BadEvent, StoreUnavailable
+
+        if not manifest.get("behaviour"):
+            raise BadInput("this model uses no behaviour features: there is no history to update")
+        try:
+            body = pydantic_core.from_json(payload)
+        except ValueError as exc:
+            raise BadInput(f"body: malformed JSON ({exc})") from None
+        events = body.get("events", body) if isinstance(body, dict) else body
+        events = [events] if isinstance(events, dict) else events
+        if not isinstance(events, list) or not events or not all(isinstance(e, dict) for e in events):
+            raise BadInput('body: send one event object, a list of events, or {"events": [...]}')
+        if max_items is not None and len(events) > max_items:
+            raise BadInput(f"{len(events)} items in one request, at most {max_items}")
+        try:
+            return {"ingested": self.online_store(BehaviourSpec.from_dict(manifest["behaviour"])).ingest(events)}
+        except BadEvent as exc:
+            raise BadInput(f"event: {exc}") from None
+        except StoreUnavailable as exc:
+            raise StoreDown(str(exc)) from None
+
+    def purge_user(self, user: str, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Forget one user's history (an erasure request)."""
+        from ray_app.features.online_store import StoreUnavailable
+
+        if not manifest.get("behaviour"):
+            raise BadInput("this model uses no behaviour features: there is no history to purge")
+        try:
+            return {"purged_keys": self.online_store(BehaviourSpec.from_dict(manifest["behaviour"])).purge_user(user)}
+        except StoreUnavailable as exc:
+            raise StoreDown(str(exc)) from None
+
+
+class StoreDown(StateUnavailable):
+    """A write to the online store failed: the caller answers 503 (retry), unlike a degraded read."""
