@@ -141,6 +141,8 @@ def test_mlflow_ui_shows_the_runs_in_headless_chromium(tmp_path):
         [mlflow_bin, "ui", "--backend-store-uri", tracked["uri"], "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        # No job runner (a second process importing mlflow, for GenAI jobs): it slowed start and stop here.
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
     try:
         import requests
