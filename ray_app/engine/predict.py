@@ -17,6 +17,7 @@ from ray_app import storage
 from ray_app.config import AppConfig, save_config
 from ray_app.engine.guards import predict_inputs, refuse_overlapping_output
 from ray_app.engine.scoring import BatchPredictor, stage_options
+from ray_app.engine.warm import stateful_map
 from ray_app.prepared import SUMMARY_FILE, count_rows, ok_uri, rejected_uri
 from ray_app.registry import resolve_model_uri
 from ray_app.workloads import get_workload
@@ -34,8 +35,10 @@ def scored_dataset(
     options: dict[str, Any] | None = None,
     runtime: str = "torch",
     precision: str = "auto",
+    rows: int | None = None,
 ) -> ray.data.Dataset:
-    """Work items -> predictions (+ rejects), lazily, through a pool of model-holding actors."""
+    """Work items -> predictions (+ rejects), lazily; the model is loaded once per worker
+    (``warm.stateful_map``: warm tasks for ``rows`` that make a few batches, else actors)."""
     constructor = {
         "bundle_uri": model_uri,
         "use_gpu": use_gpu,
@@ -44,13 +47,15 @@ def scored_dataset(
         "runtime": runtime,
         "precision": precision,
     }
-    return items.map_batches(
+    return stateful_map(
+        items,
         BatchPredictor,
-        fn_constructor_kwargs=constructor,
+        constructor,
+        rows=rows,
         batch_size=batch_size,
+        max_workers=concurrency,
+        use_gpu=use_gpu,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=concurrency),
-        num_gpus=1 if use_gpu else None,
     )
 
 
@@ -76,7 +81,16 @@ def run_predict(config: AppConfig) -> dict[str, Any]:
     # The old predictions are replaced only once the new ones are complete (a failed run keeps them).
     with storage.publishing(output) as staging:
         scored = scored_dataset(
-            items, model_uri, p.use_gpu, config.serve.top_k, p.batch_size, p.concurrency, options.model_dump(), p.runtime, p.onnx_precision
+            items,
+            model_uri,
+            p.use_gpu,
+            config.serve.top_k,
+            p.batch_size,
+            p.concurrency,
+            options.model_dump(),
+            p.runtime,
+            p.onnx_precision,
+            rows=rows_in,
         )
         scored.write_parquet(staging.uri, partition_cols=["status"], mode=SaveMode.OVERWRITE)
         rows_ok, rows_rejected = count_rows(ok_uri(staging.uri)), count_rows(rejected_uri(staging.uri))

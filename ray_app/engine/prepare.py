@@ -20,6 +20,7 @@ from ray.data import SaveMode
 from ray_app import storage
 from ray_app.config import AppConfig, save_config
 from ray_app.engine.guards import refuse_overlapping_output
+from ray_app.engine.warm import stateful_map
 from ray_app.prepared import MANIFEST_FILE, STATUS_REJECTED, SUMMARY_FILE, count_rows, ok_uri, rejected_uri
 from ray_app.workloads import get_workload
 from ray_app.workloads.base import PrepareInputs, Workload
@@ -28,15 +29,18 @@ log = logging.getLogger(__name__)
 
 
 def prepared_dataset(workload: Workload, inputs: PrepareInputs, options: dict[str, Any], concurrency: int) -> ray.data.Dataset:
-    """The decode/validate step as a lazy Ray Dataset, run by a pool of warm actors: state
-    (tokenizers, filesystems) is built once per actor, and in a measured A/B on 224×224 PNGs the
-    actor pool decoded 1.5x faster in steady state than the same function as plain tasks."""
-    return inputs.dataset.map_batches(
+    """The decode/validate step as a lazy Ray Dataset: state (tokenizers, filesystems) is built
+    once per worker (``warm.stateful_map``). Large inputs run on an actor pool (in a measured A/B
+    on 224×224 PNGs it decoded 1.5x faster in steady state than the same function as plain
+    tasks); a small input runs as tasks in already-started workers, where there is no start-up."""
+    return stateful_map(
+        inputs.dataset,
         workload.preparer_class,
-        fn_constructor_kwargs={"options": options, "manifest": inputs.manifest},
+        {"options": options, "manifest": inputs.manifest},
+        rows=inputs.rows_in,
         batch_size=inputs.batch_size,
+        max_workers=concurrency,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=concurrency),
     )
 
 
