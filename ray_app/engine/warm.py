@@ -20,8 +20,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import ray.data
 
-# Up to this many calls (batches) a stage runs as warm tasks; measured on 2 cores: an actor's
-# start-up (2-6 s) is more than a few batches' work, not more than sixteen 1,024-row decodes.
+# Up to this many calls (batches) a stage runs as warm tasks. A judgment, not a measured optimum:
+# an actor's start-up (2-6 s measured on 2 cores) is several batches' work, while tasks with the
+# step object cached per worker run batches like an actor does once they are warm; past this many
+# batches the actor pool's one-off start-up is small against the run.
 WARM_TASK_MAX_CALLS = 16
 # Step objects kept per worker process: the current run's and one more (two stages may overlap).
 _KEEP = 2
