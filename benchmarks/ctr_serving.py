@@ -11,7 +11,12 @@ process must inherit the variables at start):
 * ``haproxy``: the same plus ``RAY_SERVE_ENABLE_HA_PROXY=1``: HAProxy (C) takes the HTTP port and
   forwards straight to the gateway replicas' own HTTP servers, so no Python proxy hop.
 
-Run: ``python benchmarks/ctr_serving.py [--rows 500000] [--seconds 10]``.
+Each variant runs once per model runtime (``--runtimes``): ``torch`` (the safetensors bundle) and
+``onnx`` (the export register made; the replica imports neither torch nor transformers). The
+replica footprint (import, load and first answer in a fresh process; peak RSS) is measured per
+runtime too (benchmarks/replica_footprint.py).
+
+Run: ``python benchmarks/ctr_serving.py [--rows 500000] [--seconds 10] [--variants haproxy] [--runtimes torch onnx]``.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from ray import serve
 
 sys.path.insert(0, os.path.dirname(__file__))
 from load import closed_loop, have_wrk, wrk_closed_loop  # noqa: E402
+from replica_footprint import measure as footprint  # noqa: E402
 
 from ray_app.bundle import load_bundle  # noqa: E402
 from ray_app.config import load_config  # noqa: E402
@@ -83,7 +89,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=500_000)
     parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--cold-starts", type=int, default=3)
+    parser.add_argument("--cold-starts", type=int, default=5)
+    parser.add_argument("--runtimes", nargs="+", choices=["torch", "onnx"], default=["torch", "onnx"])
     parser.add_argument(
         "--load-generator",
         choices=["auto", "wrk", "python"],
@@ -145,14 +152,31 @@ def main() -> None:
         bundle.predict_proba(bundle.workload.stack_items([decoded[0][0]], bundle.options, bundle.manifest))
         timings.append(time.perf_counter() - t)
     results["inprocess_p50_ms"] = float(np.median(timings) * 1000)
+    from ray_app.onnx_runtime import load_onnx_model
+
+    onnx_model = load_onnx_model(resolve_model_uri(config.models_uri(), "ctr", "production"))
+    timings = []
+    for body in bodies[:300]:
+        t = time.perf_counter()
+        decoded = onnx_model.workload.decode_request(body, onnx_model.options, onnx_model.manifest)
+        onnx_model.predict_proba(onnx_model.stack([decoded[0][0]]))
+        timings.append(time.perf_counter() - t)
+    results["inprocess_onnx_p50_ms"] = float(np.median(timings) * 1000)
+    payload_file = os.path.join(work, "one_event.json")
+    with open(payload_file, "wb") as f:
+        f.write(bodies[0])
+    results["footprint"] = {runtime: footprint(config.models_uri(), "ctr", runtime, payload_file) for runtime in args.runtimes}
 
     ray.shutdown()
     results["serving"] = {}
-    for variant in args.variants:
+    runs = [f"{variant}/{runtime}" for variant in args.variants for runtime in args.runtimes]
+    for run in runs:
+        variant, runtime = run.split("/")
         env = VARIANTS[variant]
         os.environ.update(env)
+        config.serve.runtime = runtime
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        results["serving"][variant] = measure_serving(config, bodies, args)
+        results["serving"][run] = measure_serving(config, bodies, args)
         serve.shutdown()
         ray.shutdown()
         for key in env:
@@ -165,21 +189,33 @@ def main() -> None:
     print(f"  AUC model {results['auc']:.4f}  |  true model {results['true_auc']:.4f}  |  per-item baseline {results['baseline_auc']:.4f}")
     print(f"  model reaches {results['auc'] / results['true_auc']:.3f} of the true model's AUC")
     results["load_generator"] = args.load_generator
-    print(f"\nserving ({args.load_generator} client): model in-process p50 {results['inprocess_p50_ms']:.2f} ms per event")
+    print(
+        f"\nserving ({args.load_generator} client): model in-process p50 {results['inprocess_p50_ms']:.2f} ms per event (torch), "
+        f"{results['inprocess_onnx_p50_ms']:.2f} ms (ONNX Runtime)"
+    )
+    for runtime, f in results["footprint"].items():
+        print(
+            f"  replica footprint [{runtime}]: import {f['import_s']:.2f}s  load {f['load_s']:.2f}s  first answer {f['first_answer_s']:.3f}s  "
+            f"total {f['total_s']:.2f}s  peak RSS {f['peak_rss_mb']:.0f} MB  torch imported {f['torch_imported']}"
+        )
     for variant, measured in results["serving"].items():
-        print(f"  [{variant}] cold start from zero replicas: " + ", ".join(f"{c:.2f}s" for c in measured["cold_start_s"]))
+        cold = measured["cold_start_s"]
+        print(f"  [{variant}] cold start from zero replicas: median {np.median(cold):.2f}s of " + ", ".join(f"{c:.2f}s" for c in cold))
         for row in measured["latency"]:
             print(
                 f"  [{variant}] c={row['concurrency']:3d}: {row['req_per_s']:7.1f} req/s  p50 {row['p50_ms']:7.1f} ms  "
                 f"p99 {row['p99_ms']:7.1f} ms  failed {row['failed']}"
             )
-    first = args.variants[0]
-    for variant in args.variants:
+    first = runs[0]
+    for variant in runs:
         measured = results["serving"][variant]["latency"]
         if variant != first:
             for a, b in zip(results["serving"][first]["latency"], measured, strict=True):
                 print(f"  c={a['concurrency']:3d}: {variant} / {first} = {b['req_per_s'] / a['req_per_s']:.2f}x req/s")
-        print(f"  [{variant}] c=1 p50 over the in-process latency: {measured[0]['p50_ms'] - results['inprocess_p50_ms']:.1f} ms")
+        inprocess = results["inprocess_onnx_p50_ms" if variant.endswith("/onnx") else "inprocess_p50_ms"]
+        print(f"  [{variant}] c=1 p50 over the in-process latency of its runtime: {measured[0]['p50_ms'] - inprocess:.1f} ms")
+        cold = np.median(results["serving"][variant]["cold_start_s"]) / np.median(results["serving"][first]["cold_start_s"])
+        print(f"  [{variant}] cold start median / {first}: {cold:.2f}x")
     os.makedirs("benchmarks/results", exist_ok=True)
     with open("benchmarks/results/ctr_serving.json", "w") as f:
         json.dump(results, f, indent=2)

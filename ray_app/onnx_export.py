@@ -145,7 +145,9 @@ def held_out_batches(
 def quantize_int8(source: str, target: str) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(source, target, weight_type=QuantType.QInt8)
+    # Per-channel weight scales: on MiniLM + a fitted head (600 real reviews) they agreed with fp32
+    # on 97.7% of answers against 92-97% for per-tensor scales or MatMul-only quantization.
+    quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True)
 
 
 def int8_report(
