@@ -96,26 +96,26 @@ def _table_format(path: str) -> str:
     return TABLE_FORMATS[extension]
 
 
-class TableChunkReader:
+def read_table_chunks(batch: dict[str, np.ndarray]) -> pa.Table:
     """Ray Data task: one work item (a file, or one Parquet row group) -> its rows, plus
-    ``ROW_ID_COLUMN``. Rows of CSV/JSON files are read a file per call; Parquet a row group."""
+    ``ROW_ID_COLUMN``. Rows of CSV/JSON files are read a file per call; Parquet a row group.
+    A function, not a callable class: Ray Data runs a class on a pool of new actor processes,
+    a start-up each time predict reads (and counts) its input."""
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+    import pyarrow.parquet as pq
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        import pyarrow.csv as pacsv
-        import pyarrow.json as pajson
-        import pyarrow.parquet as pq
-
-        tables = []
-        for uri, fmt, group, first in zip(batch["uri"], batch["format"], batch["row_group"], batch["first_row"], strict=True):
-            fs, path = storage.resolve(uri)
-            if fmt == "parquet":
-                table = pq.ParquetFile(fs.open_input_file(path)).read_row_group(int(group))
-            else:
-                with fs.open_input_stream(path, compression="detect") as stream:
-                    table = pacsv.read_csv(stream) if fmt == "csv" else pajson.read_json(stream)
-            ids = pa.array([f"{uri}#{int(first) + i}" for i in range(table.num_rows)], pa.string())
-            tables.append(table.append_column(ROW_ID_COLUMN, ids))
-        return pa.concat_tables(tables, promote_options="permissive")
+    tables = []
+    for uri, fmt, group, first in zip(batch["uri"], batch["format"], batch["row_group"], batch["first_row"], strict=True):
+        fs, path = storage.resolve(uri)
+        if fmt == "parquet":
+            table = pq.ParquetFile(fs.open_input_file(path)).read_row_group(int(group))
+        else:
+            with fs.open_input_stream(path, compression="detect") as stream:
+                table = pacsv.read_csv(stream) if fmt == "csv" else pajson.read_json(stream)
+        ids = pa.array([f"{uri}#{int(first) + i}" for i in range(table.num_rows)], pa.string())
+        tables.append(table.append_column(ROW_ID_COLUMN, ids))
+    return pa.concat_tables(tables, promote_options="permissive")
 
 
 def read_table_rows(uri: str) -> ray.data.Dataset:
@@ -137,7 +137,7 @@ def read_table_rows(uri: str) -> ray.data.Dataset:
         for group, first in groups:
             for column, value in zip(items, (file, fmt, group, first), strict=True):
                 items[column].append(value)
-    return arrow_blocks(pa.table(items), 1).map_batches(TableChunkReader, batch_size=1, batch_format="numpy")
+    return arrow_blocks(pa.table(items), 1).map_batches(read_table_chunks, batch_size=1, batch_format="numpy")
 
 
 def require_id_column(uri: str, dataset: ray.data.Dataset, id_column: str | None) -> None:
