@@ -450,7 +450,9 @@ class CTRWorkload(Workload):
     def read_prepare_inputs(
         self, input_uri: str, options: CTROptions, val_fraction: float, test_fraction: float, rows_per_block: int
     ) -> PrepareInputs:
-        ds = read_table(input_uri)
+        # Read once: the schema, the time-window pass, the transform fit, the count and the shuffle
+        # below then use these blocks instead of each reading (and parsing) the log again.
+        ds = read_table(input_uri).materialize()
         behaviour = behaviour_spec(options)
         required = {options.label_column, *options.numeric_columns, *options.categorical_columns}
         required |= set(behaviour.event_fields()) if behaviour else set()
