@@ -44,6 +44,11 @@ def calls(rows: int, rows_per_call: int) -> int:
     return max(1, math.ceil(rows / max(1, rows_per_call)))
 
 
+def new_run_token() -> str:
+    """A token for one stage run (``stateful_map``'s ``run_token``)."""
+    return uuid.uuid4().hex
+
+
 def _instance(cls: type, constructor_kwargs: dict[str, Any], run_token: str) -> Any:
     key = f"{cls.__module__}.{cls.__qualname__}:{run_token}"
     if key not in _instances:
@@ -68,17 +73,19 @@ def stateful_map(
     batch_size: int,
     max_workers: int,
     use_gpu: bool = False,
+    run_token: str | None = None,
     **map_batches_kwargs: Any,
 ) -> ray.data.Dataset:
     """``dataset.map_batches(cls, ...)`` with the object built once per worker: warm tasks for a
-    small CPU input, an actor pool sized to the input otherwise (``rows`` None: unknown, large)."""
+    small CPU input, an actor pool sized to the input otherwise (``rows`` None: unknown, large).
+    Maps given the same ``run_token`` (one stage run) share the object a worker built for it."""
     import ray.data
 
     size = pool_size(max_workers, rows, batch_size)
     if not use_gpu and rows is not None and calls(rows, batch_size) <= WARM_TASK_MAX_CALLS:
         return dataset.map_batches(
             call_warm,
-            fn_kwargs={"cls": cls, "constructor_kwargs": constructor_kwargs, "run_token": uuid.uuid4().hex},
+            fn_kwargs={"cls": cls, "constructor_kwargs": constructor_kwargs, "run_token": run_token or new_run_token()},
             batch_size=batch_size,
             compute=ray.data.TaskPoolStrategy(size=size),
             **map_batches_kwargs,

@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import ray
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score
 
+from ray_app.engine.warm import new_run_token, stateful_map
 from ray_app.prepared import read_split
 from ray_app.workloads.text_encoder import TextOptions, local_model_dir, pad, verify_weights
 
@@ -39,16 +39,24 @@ class FrozenEmbedder:
         return {"embedding": pooled.numpy(), "label": batch["label"]}
 
 
-def _embed(prepared_uri: str, split: str, options: TextOptions, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _embed(
+    prepared_uri: str, split: str, options: TextOptions, limit: int | None, rows: int | None, run_token: str
+) -> tuple[np.ndarray, np.ndarray]:
     ds = read_split(prepared_uri, split, ["input_ids", "label"])
     if limit:
         ds = ds.limit(limit)
-    out = ds.map_batches(
+        rows = min(rows, limit) if rows is not None else limit
+    # One worker, warm when the split is small; the train and test passes share ``run_token``,
+    # so a worker loads the encoder once for both.
+    out = stateful_map(
+        ds,
         FrozenEmbedder,
-        fn_constructor_kwargs={"options": options.model_dump()},
+        {"options": options.model_dump()},
+        rows=rows,
         batch_size=64,
+        max_workers=1,
+        run_token=run_token,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=1),
     )
     features, labels = [], []
     for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
@@ -58,8 +66,9 @@ def _embed(prepared_uri: str, split: str, options: TextOptions, limit: int | Non
 
 
 def frozen_embedding_baseline(prepared_uri: str, options: TextOptions, manifest: dict[str, Any]) -> dict[str, Any]:
-    x_train, y_train = _embed(prepared_uri, "train", options, options.baseline_train_rows)
-    x_test, y_test = _embed(prepared_uri, "test", options, None)
+    splits, run_token = manifest.get("splits", {}), new_run_token()
+    x_train, y_train = _embed(prepared_uri, "train", options, options.baseline_train_rows, splits.get("train"), run_token)
+    x_test, y_test = _embed(prepared_uri, "test", options, None, splits.get("test"), run_token)
     classifier = LogisticRegression(max_iter=2000, C=1.0, random_state=0).fit(x_train, y_train)
     predicted = classifier.predict(x_test)
     return {
