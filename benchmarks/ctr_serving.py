@@ -196,7 +196,7 @@ def main() -> None:
     for runtime, f in results["footprint"].items():
         print(
             f"  replica footprint [{runtime}]: import {f['import_s']:.2f}s  load {f['load_s']:.2f}s  first answer {f['first_answer_s']:.3f}s  "
-            f"total {f['total_s']:.2f}s  peak RSS {f['peak_rss_mb']:.0f} MB  torch imported {f['torch_imported']}"
+            f"total {f['total_s']:.2f}s  RSS {f['rss_mb']:.0f} MB (peak {f['peak_rss_mb']:.0f})  torch imported {f['torch_imported']}"
         )
     for variant, measured in results["serving"].items():
         cold = measured["cold_start_s"]

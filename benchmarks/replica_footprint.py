@@ -16,6 +16,12 @@ import sys
 import time
 
 
+def rss_mb() -> float:
+    """Resident memory now (the peak can come from a transient during Ray's own imports)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
 def main() -> None:
     models, workload, runtime, payload_file = sys.argv[1:5]
     started = time.perf_counter()
@@ -41,6 +47,7 @@ def main() -> None:
                 "first_answer_s": answered - loaded,
                 "total_s": answered - started,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "rss_mb": rss_mb(),
                 "torch_imported": "torch" in sys.modules,
                 "transformers_imported": "transformers" in sys.modules,
             }

@@ -205,10 +205,10 @@ def main() -> None:
     for runtime, f in results["footprint"].items():
         print(
             f"  replica footprint [{runtime}]: import {f['import_s']:.2f}s  load {f['load_s']:.2f}s  first answer {f['first_answer_s']:.3f}s  "
-            f"total {f['total_s']:.2f}s  peak RSS {f['peak_rss_mb']:.0f} MB  torch {f['torch_imported']}  transformers {f['transformers_imported']}"
+            f"total {f['total_s']:.2f}s  RSS {f['rss_mb']:.0f} MB (peak {f['peak_rss_mb']:.0f})  torch {f['torch_imported']}  transformers {f['transformers_imported']}"
         )
     ft, fo = results["footprint"]["torch"], results["footprint"]["onnx"]
-    print(f"  footprint onnx / torch: time {fo['total_s'] / ft['total_s']:.2f}x  RSS {fo['peak_rss_mb'] / ft['peak_rss_mb']:.2f}x")
+    print(f"  footprint onnx / torch: time {fo['total_s'] / ft['total_s']:.2f}x  RSS {fo['rss_mb'] / ft['rss_mb']:.2f}x")
     for name, rows in results["serving"].items():
         for row in rows:
             print(
