@@ -25,6 +25,10 @@ $(STAMP): pyproject.toml Makefile
 	command -v chromium >/dev/null || apt-get install -y -q chromium >/dev/null 2>&1 \
 		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) \
 		|| echo "chromium not installed: the browser test will be skipped"
+	@# The serving benchmarks' load generator (C, one thread: leaves the CPU to the server).
+	command -v wrk >/dev/null || apt-get install -y -q wrk >/dev/null 2>&1 \
+		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q wrk >/dev/null 2>&1) \
+		|| echo "wrk not installed: the serving benchmarks fall back to a Python client"
 	@# The click workload's online feature store: Debian's redis-server, started per test module,
 	@# demo and benchmark on a free loopback port (tests fail, not skip, without it).
 	command -v redis-server >/dev/null || apt-get install -y -q redis-server >/dev/null 2>&1 \
@@ -93,6 +97,8 @@ bench: setup
 bench-serving: setup
 	$(BIN)/python benchmarks/serving_load.py --fast-path --ab
 	$(BIN)/python benchmarks/ctr_serving.py --rows 100000
+	$(BIN)/python benchmarks/text_serving.py
+	$(BIN)/python benchmarks/serve_fast_path_check.py
 
 # Faults under load on the serving app (replica and gateway SIGKILL, a poison request, controller
 # restart, alias rollout, scale from zero): a table of requests sent/failed/p99 per fault (~3 min).
