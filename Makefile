@@ -44,8 +44,10 @@ demo: setup
 demo-text: setup
 	$(BIN)/python -m ray_app.demos --workload text
 
+# Today's click model and the behaviour-feature model on MovieLens-100K (time split): AUC, log-loss,
+# calibration against the per-item baseline; then Redis, a backfill and one user's live event.
 demo-ctr: setup
-	$(BIN)/python -m ray_app.demos --workload ctr
+	$(BIN)/python -m ray_app.demos.clicks demo
 
 # DICOM study set from real digits (patients, multi-label findings, broken files) through the chain:
 # patient-level split, per-finding AUC with patient-bootstrap CIs, a DICOM file sent to the endpoint.

@@ -270,3 +270,46 @@ class LocalRedis:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def model_spec(models: str, ref: str) -> BehaviourSpec:
+    """The behaviour definition a registered ctr model was trained with (the store must keep that)."""
+    from ray_app import storage
+    from ray_app.registry import resolve_model_uri
+
+    info = storage.read_json(storage.join(resolve_model_uri(models, "ctr", ref), "bundle.json"))
+    behaviour = info.get("manifest", {}).get("behaviour")
+    if not behaviour:
+        raise ValueError(f"ctr model {ref!r} uses no behaviour features")
+    return BehaviourSpec.from_dict(behaviour)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m ray_app.features.online_store backfill|purge``: the batch side of the store. The
+    Redis URL comes from --url (password in $RAY_APP_REDIS_PASSWORD); the history layout from the
+    registered model, so the store keeps what that model reads."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--url", required=True, help="redis://host:port/db")
+    parser.add_argument("--models", default="./workspace/models", help="model registry URI")
+    parser.add_argument("--model", default="production", help="ctr alias or version whose behaviour definition to keep")
+    actions = parser.add_subparsers(dest="action", required=True)
+    fill = actions.add_parser("backfill", help="fill the history from an event log (Parquet/CSV/JSONL), with Ray Data")
+    fill.add_argument("--input", required=True)
+    purge = actions.add_parser("purge", help="forget one user's history (an erasure request)")
+    purge.add_argument("--user", required=True)
+    args = parser.parse_args(argv)
+    spec = model_spec(args.models, args.model)
+    if args.action == "purge":
+        print(json.dumps({"purged_keys": OnlineStore(args.url, spec, timeout_s=5.0).purge_user(args.user)}))
+        return
+    from ray_app.runtime import connect
+
+    connect()
+    print(json.dumps(backfill(args.url, spec, args.input)))
+
+
+if __name__ == "__main__":
+    main()
