@@ -238,10 +238,9 @@ def _png() -> bytes:
 
 
 @pytest.fixture(scope="module")
-def release_app(ray_session, tmp_path_factory):
+def release_app(session_serve, tmp_path_factory):
     from ray import serve
 
-    from ray_app.runtime import unused_loopback_port
     from ray_app.serving.app import compose_app
 
     models = _registry(str(tmp_path_factory.mktemp("canary")))
@@ -256,10 +255,9 @@ def release_app(ray_session, tmp_path_factory):
             "ctr": {**small, "release": {**judged, "window_s": 30}},
         },
     }
-    port = unused_loopback_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(compose_app(args, loaders={"ctr": _breaking_loader(models, {("ctr", "2")})}), name="canary", route_prefix="/")
-    yield {"url": f"http://127.0.0.1:{port}", "models": models}
+    url = session_serve.start()  # the session's Serve: the app is deleted afterwards, Serve is not shut down
+    serve.run(compose_app(args, loaders={"ctr": _breaking_loader(models, {("ctr", "2")})}), name="canary", route_prefix="/canary")
+    yield {"url": f"{url}/canary", "models": models}
     serve.delete("canary")
 
 
