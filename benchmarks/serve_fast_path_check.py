@@ -55,6 +55,17 @@ def mode(path: str) -> str | None:
     return oct(stat.S_IMODE(os.stat(path).st_mode)) if os.path.exists(path) else None
 
 
+def sockets(base: str) -> dict[str, str]:
+    """Every Unix socket under ``base`` with its mode and its folder's (Ray puts them in a per-node folder)."""
+    found = {}
+    for folder, _, names in os.walk(base):
+        for name in names:
+            path = os.path.join(folder, name)
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                found[path] = f"socket {mode(path)}, folder {mode(folder)}"
+    return found
+
+
 def run_once(env: dict[str, str], shutdown_serve: bool) -> dict:
     os.environ.update(env)
     since = time.time() - 1
@@ -87,6 +98,7 @@ def run_once(env: dict[str, str], shutdown_serve: bool) -> dict:
             "admin_socket": socket,
             "admin_socket_mode": mode(socket),
             "admin_socket_folder_mode": mode(os.path.dirname(socket)),
+            "sockets": sockets(os.path.dirname(socket)),
         }
         if shutdown_serve:
             serve.shutdown()
@@ -117,7 +129,7 @@ def main() -> None:
     results["private_folder_no_serve_shutdown"] = run_once({**SERVE_FAST_PATH_ENV, **ports, **moved}, shutdown_serve=False)
     for name, r in results.items():
         print(f"[{name}] answered {r['answer']}; haproxy listening on {r['listening_on']} (ports {r['ports']})")
-        print(f"  admin socket {r['admin_socket']} mode {r['admin_socket_mode']} in a folder of mode {r['admin_socket_folder_mode']}")
+        print(f"  socket base {os.path.dirname(r['admin_socket'])} (mode {r['admin_socket_folder_mode']}): {r['sockets']}")
         print(f"  haproxy still running after the driver's exit: {r['still_running_after_exit'] or 'none'}")
     os.makedirs("benchmarks/results", exist_ok=True)
     with open("benchmarks/results/serve_fast_path_check.json", "w") as f:
