@@ -166,6 +166,11 @@ def main() -> None:
     with open(payload_file, "wb") as f:
         f.write(bodies[0])
     results["footprint"] = {runtime: footprint(config.models_uri(), "ctr", runtime, payload_file) for runtime in args.runtimes}
+    print(
+        "MEASURED in-process and footprint: "
+        + json.dumps({k: results[k] for k in ("inprocess_p50_ms", "inprocess_onnx_p50_ms", "footprint")}),
+        flush=True,
+    )
 
     ray.shutdown()
     results["serving"] = {}
@@ -177,6 +182,8 @@ def main() -> None:
         config.serve.runtime = runtime
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         results["serving"][run] = measure_serving(config, bodies, args)
+        measured = results["serving"][run]  # printed now too: a run cut short still reports what it measured
+        print(f"MEASURED {run}: " + json.dumps(measured), flush=True)
         serve.shutdown()
         ray.shutdown()
         for key in env:
