@@ -21,7 +21,7 @@ from ray_app.features.behaviour import NO_HISTORY_S, BehaviourSpec, add_behaviou
 from ray_app.features.online_store import BadEvent, LocalRedis, OnlineStore, StoreUnavailable
 from ray_app.serving.app import compose_app
 from ray_app.serving.loaders import InMemoryLoader, untrained_model
-from ray_app.workloads.ctr import CLASSES, CTRTransform
+from ray_app.workloads.ctr import CLASSES, CTRPreparer, CTRTransform
 
 # Small windows and history so that retention trimming happens inside a short log.
 SPEC = BehaviourSpec(
@@ -241,3 +241,17 @@ def test_events_change_the_next_prediction_and_a_store_outage_degrades_it(ctr_en
     assert down["degraded"] is True and down["click_probability"] == before["click_probability"]
     refused = requests.post(f"{endpoint}/events", json=events, headers=AUTH, timeout=30)
     assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+
+
+def test_prepare_blanks_history_only_for_a_share_of_training_rows():
+    """Behaviour dropout: the store-down fallback is a case the model has seen; evaluation rows keep theirs."""
+    log = behaviour_frame(click_log(400).assign(age=30), SPEC)
+    manifest = {**behaviour_manifest(), "time_cutoffs": [log.timestamp.quantile(0.6), log.timestamp.quantile(0.8)]}
+    prepared = CTRPreparer({**OPTIONS, "behaviour_dropout": 0.5}, manifest)(log).to_pandas()
+    history = np.stack(prepared.categorical)[:, 3 : 3 + SPEC.last_n]  # after user, item, genre
+    had_history = np.array([len(items) > 0 for items in log.bh_last_items])
+    blank = (history < 0).all(axis=1) & had_history
+    train = (prepared.split == "train").to_numpy()
+    assert 0.3 < blank[train & had_history].mean() < 0.7
+    assert not blank[~train].any()
+    assert (prepared.status == "ok").all()
