@@ -89,7 +89,7 @@ def main() -> None:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         port = unused_loopback_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        scaling = {"min_replicas": 1, "max_replicas": 1, "alias_poll_s": 0}
+        scaling = {"min_replicas": 1, "max_replicas": 1, "alias_poll_s": 0, "num_cpus": 0.5}
         base = f"http://127.0.0.1:{port}"
         for name, behaviour in (("with_lookup", True), ("without_lookup", False)):
             model = untrained_model("ctr", manifest(behaviour), OPTIONS if behaviour else MOVIELENS_OPTIONS, version=1)
