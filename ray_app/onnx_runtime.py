@@ -71,8 +71,8 @@ def session(path: str, threads: int | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    # One replica per core is how Serve scales here; intra-op threads beyond the replica's share
-    # of cores only contend with the proxy and the other replicas.
+    # 0: one intra-op thread per core, as torch does by default (a like-for-like comparison);
+    # RAY_APP_ORT_THREADS caps it where several replicas share a node's cores.
     options.intra_op_num_threads = threads or int(os.environ.get("RAY_APP_ORT_THREADS", "0")) or 0
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
