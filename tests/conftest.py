@@ -21,8 +21,10 @@ from ray_app.serving.app import run_serve
 
 IMAGE_SHAPE_FLAGS = ["--image-size", "32", "--channels", "3"]
 IMAGES_PER_RUN = 600  # real digits: enough to learn well above chance in a few CPU epochs
-REVIEWS = 600  # real Rotten Tomatoes snippets for the text chain
-TEXT_FLAGS = ["--labels", "fresh", "rotten", "--max-length", "64"]
+REVIEWS = 400  # real Rotten Tomatoes snippets for the text chain
+# Snippets run 20-60 tokens: 32 keeps their opening (where the verdict usually is) and makes each
+# padded batch shorter. Not the default (128), so the chain shows it travels from prepare.
+TEXT_FLAGS = ["--labels", "fresh", "rotten", "--max-length", "32"]
 ROWS = 30000  # MovieLens-100K click events for the ctr chain
 
 
@@ -62,8 +64,7 @@ def demo_images(tmp_path_factory) -> str:
 def train_evaluate_register(workload: str, workspace: str, run_name: str, *train_flags: str, num_workers: int = 1) -> dict:
     """The rest of a chain after prepare, through the CLI: train, evaluate, register. One training
     worker by default: on 2 cores a second rank costs start-up and buys the small image and click
-    models nothing. The main image chain (DDP) and text (MiniLM is compute-bound and a worker
-    computes on one thread) ask for two."""
+    models nothing. The main image chain (DDP) and text ask for two."""
     common = ["--workspace", workspace, "--run-name", run_name]
     return {
         "trained": run_cli([workload, "train", *common, "--num-workers", str(num_workers), *train_flags]),
@@ -140,8 +141,9 @@ def text_run(ray_session, tmp_path_factory, chain) -> dict:
     common = ["--workspace", str(folder / "ws")]
     prepared = run_cli(["text", "prepare", *common, "--input", csv, *TEXT_FLAGS])
     # Resuming a run by name is the engine's, the same for every workload: test_training_recovery
-    # covers it on images, so text trains once.
-    rest = chain("text", common[1], "rt", "--epochs", "2")
+    # covers it on images, so text trains once: two workers, per-worker batches of 8 (20 steps an
+    # epoch), 2 epochs (measured: 0.79 test accuracy against 0.60 for the majority class).
+    rest = chain("text", common[1], "rt", "--epochs", "2", "--batch-size", "8", num_workers=2)
     return {"csv": csv, "common": common, "prepared": prepared, **rest}
 
 

@@ -87,6 +87,6 @@ def test_table_rows_for_prediction_get_unique_file_and_row_ids(ray_session, tmp_
 
 
 def test_text_chain_trains_and_serves_at_the_prepared_max_length(text_run):
-    """The fixtures prepare text at --max-length 64 and never repeat it: train used 64, not 128."""
+    """The fixtures prepare text at --max-length 32 and never repeat it: train used 32, not 128."""
     bundle = storage.read_json(os.path.join(text_run["trained"]["checkpoint"], "bundle.json"))
-    assert bundle["options"]["max_length"] == 64
+    assert bundle["options"]["max_length"] == 32
