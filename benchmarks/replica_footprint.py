@@ -9,6 +9,7 @@ measurement inherits the other's imports.
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import subprocess
@@ -23,7 +24,13 @@ def rss_mb() -> float:
 
 
 def main() -> None:
-    models, workload, runtime, payload_file = sys.argv[1:5]
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("models", help="the registry folder")
+    parser.add_argument("workload")
+    parser.add_argument("runtime", help="torch or onnx")
+    parser.add_argument("payload_file", help="a request body to answer")
+    args = parser.parse_args()
+    models, workload, runtime, payload_file = args.models, args.workload, args.runtime, args.payload_file
     started = time.perf_counter()
     from ray_app.serving import model_server  # noqa: F401  (what a replica imports first)
     from ray_app.serving.loaders import RegistryLoader

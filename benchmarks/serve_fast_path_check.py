@@ -13,6 +13,7 @@ Run: ``python benchmarks/serve_fast_path_check.py`` (starts Ray twice; about a m
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import stat
@@ -116,6 +117,7 @@ def run_once(env: dict[str, str], shutdown_serve: bool) -> dict:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__).parse_args()  # no options; --help says what it checks
     results = {}
     ports = {"RAY_SERVE_HAPROXY_STATS_PORT": str(unused_loopback_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(unused_loopback_port())}
     results["ray_defaults"] = run_once({**SERVE_FAST_PATH_ENV, **ports}, shutdown_serve=True)
