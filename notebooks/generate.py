@@ -46,6 +46,13 @@ def post_json(url, payload):
         return error.code, json.loads(error.read())'''
 
 
+def parameters(**values: int) -> tuple[str, str]:
+    """The notebook's knobs in one cell tagged ``parameters`` (papermill's convention): a run can
+    inject a cell after it with other values, e.g. the tests' smaller data and fewer epochs."""
+    lines = [f"{name} = {value}" for name, value in values.items()]
+    return ("parameters", "# Parameters: the data size and epochs of this walkthrough.\n" + "\n".join(lines))
+
+
 def setup(workload: str, third_party: list[str], project: list[str]) -> str:
     """The first code cell: imports (sorted as ruff's isort wants them) and shared helpers."""
     third = ["import matplotlib.pyplot as plt", "import pyarrow.parquet as pq", *third_party]
@@ -124,6 +131,7 @@ IMAGE = [
         "and looks at what it wrote. Everything goes under `./workspace/notebook-image`.",
     ),
     ("code", setup("image", ["from PIL import Image"], ["from ray_app.demos.data import first_digit_file, write_image_folders"])),
+    parameters(IMAGES=800, EPOCHS=4),
     *CONNECT,
     (
         "md",
@@ -135,7 +143,7 @@ IMAGE = [
     (
         "code",
         'DATA = os.path.join(WORKSPACE, "digits")\n'
-        "print(write_image_folders(DATA, limit=800))\n\n"
+        "print(write_image_folders(DATA, limit=IMAGES))\n\n"
         "fig, axes = plt.subplots(1, 10, figsize=(12, 1.6))\n"
         "for ax, digit in zip(axes, map(str, range(10)), strict=True):\n"
         '    ax.imshow(Image.open(first_digit_file(DATA, digit)), cmap="gray")\n'
@@ -165,7 +173,7 @@ IMAGE = [
     ),
     (
         "code",
-        'trained = stage("train", "--run-name", "nb", "--epochs", "4", "--num-workers", "2", "--batch-size", "16")\n'
+        'trained = stage("train", "--run-name", "nb", "--epochs", str(EPOCHS), "--num-workers", "2", "--batch-size", "16")\n'
         "print(f\"{trained['epochs_completed']} epochs in {trained['seconds']} s\")\n"
         'print({k: round(v, 4) for k, v in trained["metrics"].items() if isinstance(v, float)})',
     ),
@@ -238,6 +246,7 @@ TEXT = [
         "reviews. Everything goes under `./workspace/notebook-text`.",
     ),
     ("code", setup("text", ["import pandas as pd"], ["from ray_app.demos.data import write_text_demo"])),
+    parameters(REVIEWS=200, EPOCHS=1),
     *CONNECT,
     (
         "md",
@@ -247,7 +256,7 @@ TEXT = [
     ),
     (
         "code",
-        'CSV = os.path.join(WORKSPACE, "reviews.csv")\nprint(write_text_demo(CSV, limit=200))\npd.read_csv(CSV).tail(5)',
+        'CSV = os.path.join(WORKSPACE, "reviews.csv")\nprint(write_text_demo(CSV, limit=REVIEWS))\npd.read_csv(CSV).tail(5)',
     ),
     (
         "md",
@@ -269,7 +278,7 @@ TEXT = [
     ),
     (
         "code",
-        'trained = stage("train", "--run-name", "nb", "--epochs", "1", "--num-workers", "2", "--batch-size", "16")\n'
+        'trained = stage("train", "--run-name", "nb", "--epochs", str(EPOCHS), "--num-workers", "2", "--batch-size", "16")\n'
         "print(f\"{trained['epochs_completed']} epoch(s) in {trained['seconds']} s\")\n"
         'print({k: round(v, 4) for k, v in trained["metrics"].items() if isinstance(v, float)})',
     ),
@@ -329,6 +338,7 @@ CTR = [
         "minute on 2 CPU cores; everything goes under `./workspace/notebook-ctr`.",
     ),
     ("code", setup("ctr", [], ["from ray_app.demos.clicks import MOVIELENS_OPTIONS, movielens_clicks"])),
+    parameters(EVENTS=20000, EPOCHS=2),
     *CONNECT,
     (
         "md",
@@ -336,7 +346,7 @@ CTR = [
     ),
     (
         "code",
-        "frame = movielens_clicks(20000)\n"
+        "frame = movielens_clicks(EVENTS)\n"
         'CLICKS = os.path.join(WORKSPACE, "clicks.parquet")\n'
         "os.makedirs(WORKSPACE, exist_ok=True)\n"
         "frame.to_parquet(CLICKS, index=False)\n"
@@ -365,7 +375,7 @@ CTR = [
     ),
     (
         "code",
-        'trained = stage("train", "--run-name", "nb", "--epochs", "2", "--num-workers", "2")\n'
+        'trained = stage("train", "--run-name", "nb", "--epochs", str(EPOCHS), "--num-workers", "2")\n'
         "print(f\"{trained['epochs_completed']} epochs in {trained['seconds']} s\")\n"
         'print({k: round(v, 4) for k, v in trained["metrics"].items() if isinstance(v, float)})',
     ),
@@ -435,6 +445,8 @@ def build(name: str) -> nbformat.NotebookNode:
     cells = []
     for index, (kind, source) in enumerate(NOTEBOOKS[name]):
         cell = nbformat.v4.new_markdown_cell(source) if kind == "md" else nbformat.v4.new_code_cell(source)
+        if kind == "parameters":
+            cell.metadata["tags"] = ["parameters"]
         cell["id"] = f"{name}-{index:02d}"  # stable ids: regenerating gives the same file
         cells.append(cell)
     notebook = nbformat.v4.new_notebook(cells=cells)

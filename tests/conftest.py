@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+from notebook_runner import notebook_run  # noqa: F401 - each walkthrough notebook run once a session
 from ray import serve
 from ray_head import shared_head  # noqa: F401 - the own-cluster tests' one cluster (session-scoped)
 

@@ -14,7 +14,7 @@ import time
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from ray_head import head_info, run, start_head, stop_head, wait_for
+from ray_head import run, start_head, stop_head, wait_for
 
 from ray_app import storage
 from ray_app.demos.data import write_image_folders
@@ -163,11 +163,9 @@ def test_a_marked_folder_becomes_one_job_recorded_before_it_is_submitted(tmp_pat
 
 # ---- on a cluster -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    info = head_info(tmp_path_factory.mktemp("watch"))
-    start_head(info)
-    yield info
-    stop_head()
+def cluster(shared_head):
+    """The session's shared head (tests/ray_head.py); the wipe below restarts it in place."""
+    return shared_head
 
 
 def records(state: str) -> dict[str, dict]:
@@ -197,14 +195,12 @@ def _claim(state: str, sid: str, files: list[dict], status: str, output: str) ->
 
 
 @pytest.mark.own_cluster
-def test_grouped_jobs_at_most_once_per_file_across_restarts_wipes_and_retries(cluster):
-    folder = cluster["folder"]
-    data, uploads, ws = folder / "digits", folder / "uploads", str(folder / "ws")
-    write_image_folders(str(data), limit=120, broken=False)
-    at = ["--address", cluster["address"], "--workspace", ws]
-    run(cluster, "-m", "ray_app", "image", "prepare", *at, "--input", str(data))
-    run(cluster, "-m", "ray_app", "image", "train", *at, "--run-name", "w", "--epochs", "1", "--num-workers", "1", "--batch-size", "16")
-    run(cluster, "-m", "ray_app", "image", "register", *at, "--run-name", "w", "--alias", "production")
+def test_grouped_jobs_at_most_once_per_file_across_restarts_wipes_and_retries(cluster, notebook_run, tmp_path):
+    data, uploads = tmp_path / "digits", tmp_path / "uploads"
+    write_image_folders(str(data), limit=20, broken=False)
+    # The image notebook's workspace: data prepared and a model registered as `production` through
+    # the same CLI stages (tests/notebook_runner.py), so the watcher does not train one of its own.
+    ws = notebook_run("image")["workspace"]
     classes = json.load(open(os.path.join(ws, "image", "prepared", "manifest.json")))["classes"]
 
     digits = sorted(str(p) for p in data.rglob("*.png"))
@@ -255,7 +251,7 @@ def test_grouped_jobs_at_most_once_per_file_across_restarts_wipes_and_retries(cl
     c = after[c_sid]
     _claim(state, c["job"], [{k: c[k] for k in ("file_id", "file", "size", "mtime_ns")}], "RUNNING", c["output"])
     stop_head()
-    start_head(cluster)
+    start_head(cluster, num_cpus=2)
     claims = {}
     for name, source, status in (("d.png", digits[3], "SUBMITTING"), ("e.png", digits[4], "RUNNING")):
         shutil.copy(source, uploads / name)
