@@ -102,7 +102,7 @@ def main() -> None:
     if args.load_generator == "auto":
         args.load_generator = "wrk" if have_wrk() else "python"
     work = tempfile.mkdtemp(prefix="ray_app_ctr_bench_")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     results: dict = {}
 
@@ -180,7 +180,7 @@ def main() -> None:
         env = VARIANTS[variant]
         os.environ.update(env)
         config.serve.runtime = runtime
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         results["serving"][run] = measure_serving(config, bodies, args)
         measured = results["serving"][run]  # printed now too: a run cut short still reports what it measured
         print(f"MEASURED {run}: " + json.dumps(measured), flush=True)

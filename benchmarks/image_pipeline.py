@@ -197,7 +197,7 @@ def main() -> None:
     write_image_folders(tiny, limit=max(1, args.small_images // args.memory_scale), broken=False)
 
     started = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     ray_start = time.perf_counter() - started
     print(f"ray.init: {ray_start:.2f}s")

@@ -94,7 +94,7 @@ def main() -> None:
     pacsv.write_csv(pa.table({"text": texts, "label": ["fresh"] * len(texts)}), big)
     options = TextOptions(labels=["fresh", "rotten"], max_length=64)
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     results: dict = {"rows": len(texts)}
     results["inprocess_tokenize"] = inprocess_tokenize(texts, options.max_length)
