@@ -101,6 +101,6 @@ def test_a_stage_in_a_log_prints_its_progress_not_ray_internals(tmp_path, shared
     assert [line.split(":")[0] for line in epochs] == ["train epoch 1/2", "train epoch 2/2"] and "ETA" in epochs[0]
     ray_lines = [line for line in lines if " INFO " in line or " WARNING " in line or "pid=" in line]
     assert not ray_lines, ray_lines
-    assert len(lines) <= 12, lines
+    assert len(lines) <= 12, "\n".join(lines)
     session_logs = "/tmp/ray/session_latest/logs"
     assert "Connecting to existing Ray cluster" in open(os.path.join(session_logs, progress.DRIVER_LOG_FILE)).read()

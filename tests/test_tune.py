@@ -138,7 +138,7 @@ def test_trials_are_sized_to_the_cluster_with_a_cpu_left_for_ray_data():
 
 
 def test_a_sweep_reads_small_splits_once_and_streams_large_ones():
-    from ray_app.engine.tune import READ_ONCE_STORE_SHARE, reads_once
+    from ray_app.engine.train import READ_ONCE_STORE_SHARE, reads_once
 
     store = 8 * 2**30
     assert reads_once(100_000, store)  # a few hundred digits: one read for every trial and epoch

@@ -26,14 +26,14 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from ray.data.collate_fn import NumpyBatchCollateFn
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from safetensors.torch import load_model
 
 from ray_app import plots, storage, tracking
 from ray_app.bundle import BUNDLE_FILE, WEIGHTS_FILE, save_bundle
 from ray_app.config import AppConfig, TrainConfig, save_config
-from ray_app.prepared import data_fingerprint, load_manifest, read_split
+from ray_app.prepared import data_fingerprint, load_manifest, ok_uri, read_split
 from ray_app.progress import epoch_line
 from ray_app.workloads import get_workload
 from ray_app.workloads.base import DATA, MODEL, Workload
@@ -92,6 +92,53 @@ def training_dataset(data_uri: str, split: str, workload: Workload, seed: int) -
     if split == "train":
         dataset = dataset.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True))
     return dataset
+
+
+# Prepared data (Parquet bytes) that training reads once into the object store rather than per
+# epoch: a share of the store small enough to leave room for everything else (decoded rows are
+# larger than their Parquet files).
+READ_ONCE_STORE_SHARE = 0.05
+# How often the Train controller polls its workers (Ray's default: 2 s). A report and the end of a
+# run are seen on a poll: with small epochs of 1-3 s, 2 s per poll would be a good part of a run.
+CONTROLLER_POLL_INTERVAL_S = "0.2"
+
+
+def reads_once(prepared_bytes: int, object_store_bytes: float) -> bool:
+    """Whether training materializes the splits in the object store instead of streaming them."""
+    return prepared_bytes <= READ_ONCE_STORE_SHARE * object_store_bytes
+
+
+def splits_read_once(data_uri: str, workload: Workload, object_store_bytes: float) -> dict[str, ray.data.Dataset] | None:
+    """The train and val splits read once for every epoch (and every Tune trial), or None when they
+    are too large for that: then each epoch streams them from Parquet. Streaming a small split
+    costs more than its rows: every epoch re-lists and re-reads the files in new read tasks, which
+    run inside the Train controller's runtime environment and so need worker processes of their own."""
+    prepared_bytes = sum(info.size for info in storage.list_files(ok_uri(data_uri)))
+    if not reads_once(prepared_bytes, object_store_bytes):
+        return None
+    return {split: read_split(data_uri, split, workload.training_columns).materialize() for split in ("train", "val")}
+
+
+def training_datasets(
+    splits: dict[str, ray.data.Dataset] | None, data_uri: str, workload: Workload, seed: int
+) -> dict[str, ray.data.Dataset]:
+    """What a run trains on: the splits read once, with the same per-epoch block order as
+    ``training_dataset`` gives, or the streamed splits themselves."""
+    if splits is None:
+        return {split: training_dataset(data_uri, split, workload, seed) for split in ("train", "val")}
+    train = splits["train"].randomize_block_order(seed=ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    return {"train": train, "val": splits["val"]}
+
+
+def training_data_config(num_workers: int) -> DataConfig:
+    """One worker iterates whole splits: no ``streaming_split``, so no coordinator actor per split."""
+    return DataConfig(datasets_to_split="all" if num_workers > 1 else [])
+
+
+def poll_workers_often() -> None:
+    """Read by the next ``TorchTrainer`` and handed on to its controller (Train propagates this
+    variable); set only where the caller's process is a driver of its own (CLI, job, trial)."""
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", CONTROLLER_POLL_INTERVAL_S)
 
 
 def training_batches(shard: Any, collate: WorkloadCollate, batch_size: int, seed: int, epoch: int, training: bool):
@@ -424,6 +471,8 @@ def run_train(config: AppConfig) -> dict[str, Any]:
             log.info("train: run %r already completed %d epochs (asked %d); nothing to train", t.run_name, training["epoch"], t.epochs)
             return _finish(config, checkpoint_uri, started, already_complete=True, trained=False)
         log.info("train: resuming run %r after epoch %d (%s)", t.run_name, training["epoch"], checkpoint_uri)
+    splits = splits_read_once(data_uri, workload, ray.cluster_resources().get("object_store_memory", 0))
+    poll_workers_often()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=build_train_loop_config(config, options, manifest, fingerprint),
@@ -434,7 +483,8 @@ def run_train(config: AppConfig) -> dict[str, Any]:
             failure_config=FailureConfig(max_failures=t.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        datasets={split: training_dataset(data_uri, split, workload, t.seed) for split in ("train", "val")},
+        datasets=training_datasets(splits, data_uri, workload, t.seed),
+        dataset_config=training_data_config(t.num_workers),
     )
     result = trainer.fit()
     if result.checkpoint is None:

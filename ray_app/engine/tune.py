@@ -36,19 +36,26 @@ import csv
 import io
 import logging
 import math
-import os
 import time
 from typing import Any
 
 import ray
 from ray import tune
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from ray_app import storage, tracking
 from ray_app.config import AppConfig, save_config
-from ray_app.engine.train import _finish, build_train_loop_config, train_loop_per_worker, training_dataset
-from ray_app.prepared import data_fingerprint, load_manifest, ok_uri, read_split
+from ray_app.engine.train import (
+    _finish,
+    build_train_loop_config,
+    poll_workers_often,
+    splits_read_once,
+    train_loop_per_worker,
+    training_data_config,
+    training_datasets,
+)
+from ray_app.prepared import data_fingerprint, load_manifest
 from ray_app.workloads import get_workload
 
 log = logging.getLogger(__name__)
@@ -105,35 +112,6 @@ def tune_domains(space: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
 # A trial's driver only starts a TorchTrainer (whose controller takes no CPU); Tune refuses a
 # placement group with nothing in it, so it holds a token share.
 TRIAL_DRIVER_CPU = 0.01
-# How often a trial's Train controller polls its workers (Ray's default: 2 s). Reports and the end
-# of a trial are seen on a poll: with epochs of 1-3 s, 2 s per poll would be most of a trial's epochs.
-TRIAL_POLL_INTERVAL_S = "0.2"
-# Prepared data (Parquet bytes) a sweep reads once into the object store rather than per trial and
-# epoch: a share of the store small enough to leave room for everything else (decoded rows are
-# larger than their Parquet files).
-READ_ONCE_STORE_SHARE = 0.05
-
-
-def reads_once(prepared_bytes: int, object_store_bytes: float) -> bool:
-    """Whether the sweep materializes the splits in the object store instead of streaming them."""
-    return prepared_bytes <= READ_ONCE_STORE_SHARE * object_store_bytes
-
-
-def sweep_splits(data_uri: str, workload: Any, object_store_bytes: float) -> dict[str, ray.data.Dataset] | None:
-    """The train and val splits read once for every trial, or None (too large: each trial streams them)."""
-    prepared_bytes = sum(info.size for info in storage.list_files(ok_uri(data_uri)))
-    if not reads_once(prepared_bytes, object_store_bytes):
-        return None
-    return {split: read_split(data_uri, split, workload.training_columns).materialize() for split in ("train", "val")}
-
-
-def trial_datasets(splits: dict[str, ray.data.Dataset] | None, data_uri: str, workload: Any, seed: int) -> dict[str, ray.data.Dataset]:
-    """What a trial trains on: the shared splits with the same per-epoch block order as ``training_dataset``
-    gives ``train``, or the streamed splits themselves."""
-    if splits is None:
-        return {split: training_dataset(data_uri, split, workload, seed) for split in ("train", "val")}
-    train = splits["train"].randomize_block_order(seed=ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True))
-    return {"train": train, "val": splits["val"]}
 
 
 def trial_scheduling(cluster_cpus: float, num_workers: int, requested: int | None) -> tuple[int, float]:
@@ -157,9 +135,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], settings: dict[str, 
     run_name = f"{settings['name']}-{tune.get_context().get_trial_id()}"
     loop_config["run_name"] = run_name
     workload = get_workload(base["workload"])
-    # Read by the TorchTrainer below and handed on to its controller (Train propagates this variable);
-    # the trial's process is its own, so nothing else sees it.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRIAL_POLL_INTERVAL_S)
+    poll_workers_often()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -171,9 +147,8 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], settings: dict[str, 
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             callbacks=[TuneReportCallback()],
         ),
-        datasets=trial_datasets(splits, settings["data_uri"], workload, base["seed"]),
-        # One worker reads whole splits: no streaming_split, so no coordinator actor per split.
-        dataset_config=DataConfig(datasets_to_split="all" if settings["num_workers"] > 1 else []),
+        datasets=training_datasets(splits, settings["data_uri"], workload, base["seed"]),
+        dataset_config=training_data_config(settings["num_workers"]),
     )
     trainer.fit()
 
@@ -199,7 +174,7 @@ def run_tune(config: AppConfig) -> dict[str, Any]:
         "data_uri": data_uri,
         "max_failures": t.max_failures,
     }
-    splits = sweep_splits(data_uri, workload, ray.cluster_resources().get("object_store_memory", 0))
+    splits = splits_read_once(data_uri, workload, ray.cluster_resources().get("object_store_memory", 0))
     settings["read_once"] = splits is not None
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, settings=settings, splits=splits), {"CPU": TRIAL_DRIVER_CPU})
     sweep_root = storage.join(config.runs_uri(), "tune")
