@@ -16,9 +16,11 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
 import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -551,7 +553,7 @@ def test_dockerignore_keeps_local_state_out_but_not_the_sources():
 
 
 @pytest.mark.parametrize(
-    "path", [*(CLUSTER / n for n in LAUNCHER_CONFIGS), *(CLUSTER / "kuberay" / n for n in KUBERAY)], ids=lambda p: p.name
+    "path", [*(CLUSTER / n for n in LAUNCHER_CONFIGS), *sorted((CLUSTER / "kuberay").glob("*.yaml"))], ids=lambda p: p.name
 )
 def test_cluster_files_carry_no_credentials(path):
     text = path.read_text()
@@ -1188,3 +1190,273 @@ def test_reclaimable_local_config_is_the_shipped_one_on_a_provider_the_autoscale
     assert reclaim_dir.is_dir()
     provider_cls = _get_node_provider_cls(config["provider"])
     assert provider_cls is ReclaimableFakeProvider and issubclass(provider_cls, FakeMultiNodeProvider)
+
+
+# ---------------------------------------------------------------- online feature store (issue 18)
+
+REDIS_MANIFEST = CLUSTER / "kuberay" / "redis.yaml"
+REDIS_CLIENT_LABEL = "ray-app/redis-client"
+# The official image, Alpine flavour of Redis 7.4, by the digest of its multi-arch index.
+REDIS_IMAGE = re.compile(r"redis:7\.4\.\d+-alpine@sha256:[0-9a-f]{64}")
+
+
+def redis_objects() -> dict[str, dict[str, Any]]:
+    """redis.yaml's objects by kind: exactly one Deployment, Service and NetworkPolicy."""
+    docs = list(yaml.safe_load_all(REDIS_MANIFEST.read_text()))
+    by_kind = {d["kind"]: d for d in docs}
+    assert sorted(by_kind) == ["Deployment", "NetworkPolicy", "Service"] and len(docs) == 3
+    return by_kind
+
+
+def redis_container() -> dict[str, Any]:
+    (container,) = redis_objects()["Deployment"]["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def flag_values(args: list[str], flag: str) -> list[str]:
+    """The values that follow ``flag`` on a redis-server command line (up to the next --flag)."""
+    start = args.index(flag) + 1
+    end = next((i for i in range(start, len(args)) if args[i].startswith("--")), len(args))
+    return args[start:end]
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Kubernetes label-selector semantics (matchLabels and matchExpressions, ANDed)."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        if not {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[operator]:
+            return False
+    return True
+
+
+def memory_bytes(quantity: str) -> int:
+    """A Kubernetes (Mi, Gi) or Redis (mb, gb: binary) memory amount in bytes."""
+    number, unit = re.fullmatch(r"(\d+)([A-Za-z]*)", quantity).groups()
+    return int(number) * {"": 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "kb": 2**10, "mb": 2**20, "gb": 2**30}[unit]
+
+
+def test_selector_and_quantity_helpers():
+    assert selects({"matchLabels": {"a": "1"}}, {"a": "1", "b": "2"}) and not selects({"matchLabels": {"a": "1"}}, {"a": "2"})
+    assert not selects({"matchExpressions": [{"key": "b", "operator": "Exists"}]}, {"a": "1"})
+    assert selects({"matchExpressions": [{"key": "b", "operator": "In", "values": ["2"]}]}, {"b": "2"})
+    assert memory_bytes("2Gi") == 2 * memory_bytes("1024mb") and flag_values(["--bind", "*", "-::*", "--port", "1"], "--bind") == [
+        "*",
+        "-::*",
+    ]
+
+
+@pytest.mark.parametrize("kubernetes_version", ["1.29.0", "latest"])
+def test_redis_manifest_matches_the_kubernetes_schemas_strictly(kubernetes_version):
+    """Every object against the Kubernetes API's own schema (kubernetes-validate ships them):
+    a misspelt field or a wrong type fails here, as `kubectl apply` would refuse it."""
+    import kubernetes_validate
+
+    version = kubernetes_validate.utils.latest_version() if kubernetes_version == "latest" else kubernetes_version
+    for obj in redis_objects().values():
+        kubernetes_validate.validate(obj, version, strict=True)
+    typo = copy.deepcopy(redis_objects()["Deployment"])
+    typo["spec"]["template"]["spec"]["containers"][0]["securityContex"] = {"runAsNonRoot": True}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(typo, version, strict=True)
+
+
+def test_every_image_in_the_cluster_files_is_pinned_and_the_only_foreign_one_is_redis():
+    """Our images (three builds, checked above) and one third-party image, the official Redis, all
+    as name:tag@sha256:<digest>. Redis is not ours to build: its digest must be a real one, not a
+    placeholder for pin-image.sh to fill."""
+    images = {(path.name, m) for path in all_cluster_files() for m in re.findall(r"image: *['\"]?([^\s'\"]+)", path.read_text())}
+    assert images
+    foreign = {(where, image) for where, image in images if not image.startswith(APP_IMAGE + ":")}
+    for where, image in images:
+        assert PINNED_IMAGE.fullmatch(image), f"{where}: {image} is not pinned by digest"
+    assert {where for where, _ in foreign} == {"redis.yaml"} and len({image for _, image in foreign}) == 1, foreign
+    ((_, redis_image),) = foreign
+    assert REDIS_IMAGE.fullmatch(redis_image), redis_image
+    assert len(set(PINNED_IMAGE.fullmatch(redis_image)["digest"])) > 1, "a placeholder digest, not the image's"
+    assert redis_container()["image"] == redis_image
+
+
+def test_the_ctr_deployment_points_at_the_redis_service_port():
+    """serveConfigV2's ctr feature_store (the setting the app reads) names the Service and its port;
+    the Service forwards to the container port Redis listens on; its selector finds the Redis pod."""
+    from urllib.parse import urlsplit
+
+    from ray_app.serving.app import app_settings
+
+    objects = redis_objects()
+    service, deployment = objects["Service"], objects["Deployment"]
+    (app,) = yaml.safe_load(kuberay("rayservice.yaml")["spec"]["serveConfigV2"])["applications"]
+    url = urlsplit(app_settings(app["args"]).workloads["ctr"].feature_store)
+    assert url.scheme == "redis" and url.password is None, "the password comes from the Secret, never the URL"
+    assert url.hostname == service["metadata"]["name"] and service["spec"]["type"] == "ClusterIP"
+    (port,) = service["spec"]["ports"]
+    assert url.port == port["port"]
+    container = redis_container()
+    (container_port,) = [p for p in container["ports"] if p["name"] == port["targetPort"]]
+    assert flag_values(container["args"], "--port") == [str(container_port["containerPort"])]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert selects({"matchLabels": service["spec"]["selector"]}, pod_labels)
+    assert selects(deployment["spec"]["selector"], pod_labels)
+    # One store: a second replica (or a rolling update's surge) would split the history in two.
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+
+
+def secret_env(container: dict[str, Any], name: str) -> dict[str, Any] | None:
+    found = [e for e in container.get("env", []) if e["name"] == name]
+    assert len(found) <= 1
+    if found:
+        assert "value" not in found[0], f"{name}: never the secret itself in a manifest"
+        return found[0]["valueFrom"]["secretKeyRef"]
+    return None
+
+
+def test_the_redis_password_comes_from_one_secret_the_repo_does_not_hold():
+    """Redis requires the password of the ray-app-redis Secret; the ctr replicas' pods read it under
+    the name the online store reads; no manifest holds a Secret object or the password itself."""
+    from ray_app.features.online_store import PASSWORD_ENV
+
+    container = redis_container()
+    ref = secret_env(container, "REDIS_PASSWORD")
+    assert ref == {"name": "ray-app-redis", "key": "password", "optional": False}
+    assert flag_values(container["args"], "--requirepass") == ["$(REDIS_PASSWORD)"], "Kubernetes expands it from the Secret"
+    assert flag_values(container["args"], "--protected-mode") == ["yes"], "the image turns it off: on again"
+    for path in all_cluster_files():
+        assert not any(d and d.get("kind") == "Secret" for d in yaml.safe_load_all(path.read_text())), path.name
+    # The RayService: every worker group (where ctr replicas can land) gets it, required like the
+    # API key; the head runs no replicas and gets nothing.
+    spec = kuberay("rayservice.yaml")["spec"]["rayClusterConfig"]
+    for group in spec["workerGroupSpecs"]:
+        (worker,) = group["template"]["spec"]["containers"]
+        assert secret_env(worker, PASSWORD_ENV) == ref, group["groupName"]
+    assert secret_env(spec["headGroupSpec"]["template"]["spec"]["containers"][0], PASSWORD_ENV) is None
+    # The RayCluster (backfill and purge jobs): every pod, optional since it also runs image/text work.
+    for what, template in kuberay_templates("raycluster.yaml"):
+        assert secret_env(template["spec"]["containers"][0], PASSWORD_ENV) == {**ref, "optional": True}, what
+
+
+def test_only_the_ray_pods_that_use_redis_may_reach_it():
+    """redis.yaml's NetworkPolicy selects the Redis pod and admits, on the Redis port only, exactly
+    the Ray pods given its password: not the RayService head, not the image-training RayJob, not its
+    submitter, nothing outside the namespace. Redis opens no connection itself (no egress). No other
+    policy selects the Redis pod: policies add up, so one would widen what this one allows."""
+    from ray_app.features.online_store import PASSWORD_ENV
+
+    objects = redis_objects()
+    policy, redis_pod_labels = objects["NetworkPolicy"], objects["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert selects(policy["spec"]["podSelector"], redis_pod_labels)
+    assert sorted(policy["spec"]["policyTypes"]) == ["Egress", "Ingress"] and policy["spec"]["egress"] == []
+    (rule,) = policy["spec"]["ingress"]
+    (service_port,) = objects["Service"]["spec"]["ports"]
+    (container_port,) = [p["containerPort"] for p in redis_container()["ports"] if p["name"] == service_port["targetPort"]]
+    assert rule["ports"] == [{"protocol": "TCP", "port": container_port}]
+    (peer,) = rule["from"]
+    assert set(peer) == {"podSelector"}, "same namespace, no namespaceSelector or ipBlock"
+    admitted, given_password = set(), set()
+    for name in KUBERAY:
+        for what, template in kuberay_templates(name):
+            if selects(peer["podSelector"], template["metadata"]["labels"]):
+                admitted.add((name, what))
+            if secret_env(template["spec"]["containers"][0], PASSWORD_ENV):
+                given_password.add((name, what))
+    service_workers = {("rayservice.yaml", g["groupName"]) for g in kuberay_cluster_spec(kuberay("rayservice.yaml"))["workerGroupSpecs"]}
+    assert service_workers <= admitted and admitted == given_password
+    assert ("rayservice.yaml", "head") not in admitted
+    assert not {what for name, what in admitted if name == "rayjob-train.yaml"}, "image training needs no Redis"
+    assert not selects(peer["podSelector"], redis_pod_labels)
+    for other in network_policies():
+        assert not selects(other["spec"]["podSelector"], redis_pod_labels), other["metadata"]["name"]
+
+
+def test_the_redis_pod_is_restricted_bounded_and_keeps_nothing_on_disk():
+    deployment = redis_objects()["Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    assert not restricted_violations(pod), restricted_violations(pod)
+    container = redis_container()
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert pod["automountServiceAccountToken"] is False and pod["enableServiceLinks"] is False
+    (data,) = [m for m in container["volumeMounts"] if m["mountPath"] == flag_values(container["args"], "--dir")[0]]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == data["name"]]
+    assert "emptyDir" in volume, "the only writable path, and nothing survives the pod"
+    assert flag_values(container["args"], "--save") == [""] and flag_values(container["args"], "--appendonly") == ["no"]
+    resources = container["resources"]
+    assert resources["requests"] == resources["limits"], "Guaranteed QoS: evicted last"
+    (maxmemory,) = flag_values(container["args"], "--maxmemory")
+    assert memory_bytes(maxmemory) <= 0.8 * memory_bytes(resources["limits"]["memory"]), "headroom below the OOM kill"
+    assert flag_values(container["args"], "--maxmemory-policy") == ["noeviction"], "never a silently truncated history"
+    for probe in (container["readinessProbe"], container["livenessProbe"]):
+        assert "exec" in probe, "runs inside the pod: no NetworkPolicy rule for the kubelet"
+
+
+def test_redis_server_runs_with_the_manifests_flags_and_the_ctr_client_needs_the_password(tmp_path, monkeypatch):
+    """The Deployment's own command line, run on a real redis-server (Debian's 7.x; only the bind
+    address, port and data dir swapped for loopback, a free port and a temporary dir): it starts,
+    the online store's client authenticates with the password in $RAY_APP_REDIS_PASSWORD and
+    ingests and reads an event, a client without it is refused, and the probe's command passes."""
+    import redis
+
+    from ray_app.features.behaviour import BehaviourSpec
+    from ray_app.features.online_store import PASSWORD_ENV, OnlineStore, connect
+    from ray_app.runtime import unused_loopback_port
+
+    container, password = redis_container(), secrets.token_hex(32)
+    env = {"REDIS_PASSWORD": password}  # what the Secret holds; Kubernetes expands $(REDIS_PASSWORD)
+    args = [re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], a) for a in container["args"]]
+    assert args[0] == "redis-server"
+    port = unused_loopback_port()
+    replaced = {"--bind": ["127.0.0.1"], "--port": [str(port)], "--dir": [str(tmp_path)]}
+    command, i = [shutil.which("redis-server") or pytest.fail("redis-server is not installed (make setup)")], 1
+    while i < len(args):
+        values = flag_values(args, args[i]) if args[i].startswith("--") else None
+        assert values is not None, args[i]
+        command += [args[i], *replaced.get(args[i], values)]
+        i += 1 + len(values)
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        monkeypatch.setenv(PASSWORD_ENV, password)
+        client = connect(url, timeout_s=2.0)
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert server.poll() is None, server.stderr.read()
+                time.sleep(0.05)
+        config = {
+            k: v
+            for key in ("save", "appendonly", "protected-mode", "maxmemory", "maxmemory-policy")
+            for k, v in client.config_get(key).items()
+        }
+        assert config == {
+            "save": "",
+            "appendonly": "no",
+            "protected-mode": "yes",
+            "maxmemory": str(memory_bytes(flag_values(args, "--maxmemory")[0])),
+            "maxmemory-policy": "noeviction",
+        }
+        spec = BehaviourSpec(user_column="user", item_column="item", time_column="t", label_column="click", event_column="id")
+        store = OnlineStore(url, spec, timeout_s=2.0)
+        assert store.ingest([{"id": "e1", "user": "u1", "item": "i1", "t": 100.0, "click": 1}]) == 1
+        assert store.read(["u1"], ["i2"], [200.0])["bh_user_clicks_1h"] == [1]
+        monkeypatch.delenv(PASSWORD_ENV)
+        with pytest.raises(redis.AuthenticationError):
+            connect(url, timeout_s=2.0).ping()
+        probe = container["readinessProbe"]["exec"]["command"]
+        assert probe[:2] == ["sh", "-c"] and "-p 6379" in probe[2]
+        done = subprocess.run(["sh", "-c", probe[2].replace("-p 6379", f"-p {port}")], env={**os.environ, **env}, timeout=10)
+        assert done.returncode == 0
+        wrong = subprocess.run(
+            ["sh", "-c", probe[2].replace("-p 6379", f"-p {port}")], env={**os.environ, "REDIS_PASSWORD": "x"}, timeout=10
+        )
+        assert wrong.returncode != 0, "the probe fails when Redis refuses it"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
