@@ -1403,7 +1403,7 @@ def test_redis_server_runs_with_the_manifests_flags_and_the_ctr_client_needs_the
     import redis
 
     from ray_app.features.behaviour import BehaviourSpec
-    from ray_app.features.online_store import PASSWORD_ENV, OnlineStore, connect
+    from ray_app.features.online_store import PASSWORD_ENV, OnlineStore, StoreUnavailable, connect
     from ray_app.runtime import unused_loopback_port
 
     container, password = redis_container(), secrets.token_hex(32)
@@ -1445,6 +1445,11 @@ def test_redis_server_runs_with_the_manifests_flags_and_the_ctr_client_needs_the
         spec = BehaviourSpec(user_column="user", item_column="item", time_column="t", label_column="click", event_column="id")
         store = OnlineStore(url, spec, timeout_s=2.0)
         assert store.ingest([{"id": "e1", "user": "u1", "item": "i1", "t": 100.0, "click": 1}]) == 1
+        assert store.read(["u1"], ["i2"], [200.0])["bh_user_clicks_1h"] == [1]
+        # A full store (noeviction): ingest fails (the endpoint answers 503), reads still answer.
+        client.config_set("maxmemory", "1")
+        with pytest.raises(StoreUnavailable):
+            store.ingest([{"id": "e2", "user": "u1", "item": "i1", "t": 150.0, "click": 1}])
         assert store.read(["u1"], ["i2"], [200.0])["bh_user_clicks_1h"] == [1]
         monkeypatch.delenv(PASSWORD_ENV)
         with pytest.raises(redis.AuthenticationError):
