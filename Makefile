@@ -77,13 +77,12 @@ mlflow-ui: setup
 # Ray instance: they run in a second pytest process.
 test: setup
 	$(BIN)/ruff check ray_app tests benchmarks notebooks
-	$(BIN)/python -m pytest -m "not own_cluster and not tune_sweep"
+	$(BIN)/python -m pytest -m "not own_cluster"
 	$(BIN)/python -m pytest -m own_cluster
 
-# The Ray Tune sweep tests (issue 14) on a Ray instance of their own: inside the full main session
-# the sweep hung waiting for CPU held by an earlier module's placement groups.
+# Only the Ray Tune tests (part of make test too): a sweep, its restore, the search-space checks.
 test-tune: setup
-	$(BIN)/python -m pytest -m tune_sweep tests/test_tune.py
+	$(BIN)/python -m pytest tests/test_tune.py
 
 # A Ray Tune sweep (the image workload's default space, ASHA) against the default config, both scored on
 # the same held-out test split: sweep wall time, trials stopped early, test accuracies (~4 min on 2 cores).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pandas as pd
 import pyarrow as pa
@@ -42,7 +43,12 @@ def ray_session(metrics_port):
         # left behind, which ray.init() with no address would.
         address="local",
         num_cpus=2,
-        include_dashboard=False,
+        # As `ray-app` starts a local Ray (runtime.py). Not only for looks: Ray Train's placement
+        # group cleaner asks the dashboard's State API whether a run's controller is alive; without
+        # it, the worker-group placement groups of a Tune trial stopped by ASHA stayed reserved
+        # forever (1.47 of 2 CPUs after a 3-trial sweep) and the next Ray Data task never ran.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         log_to_driver=False,
         _metrics_export_port=metrics_port,
         # Application metrics reach the Prometheus endpoint within a second instead of ten.
@@ -53,6 +59,31 @@ def ray_session(metrics_port):
     quiet_data_progress()
     yield
     ray.shutdown()
+
+
+# Placement groups hold CPUs: one left by a module (a Train worker group or Tune trial that outlived
+# its run) starves every later module's Ray Data tasks, which then wait forever. Ray removes a
+# finished run's groups asynchronously, so each module gets a few seconds to let them go.
+PLACEMENT_GROUP_RELEASE_S = 20
+
+
+def held_placement_groups() -> dict[str, dict]:
+    from ray.util import placement_group_table
+
+    return {pg_id: pg for pg_id, pg in placement_group_table().items() if pg["state"] != "REMOVED"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_placement_group_outlives_its_module():
+    """Fails a module that leaves a placement group behind (shown as an error on its last test)."""
+    before = set(held_placement_groups()) if ray.is_initialized() else set()
+    yield
+    if not ray.is_initialized():
+        return
+    deadline = time.monotonic() + PLACEMENT_GROUP_RELEASE_S
+    while (left := {k: v for k, v in held_placement_groups().items() if k not in before}) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, [(pg["name"], pg["state"], pg["bundles"]) for pg in left.values()]
 
 
 @pytest.fixture(scope="session")

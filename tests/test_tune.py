@@ -41,10 +41,9 @@ def sweep(ray_session, tmp_path_factory) -> dict:
     return {"workspace": workspace, "summary": summary, "common": common, "flags": flags}
 
 
-# The sweep hung in the full main session (Ray Data's 1-CPU read task pending behind the trials'
-# placement groups and a Train run left by an earlier module), though it passes on its own: behind
-# its own marker and `make test-tune` until the session leaves no resources held.
-@pytest.mark.tune_sweep
+# The sweep once hung in the full main session: the test Ray ran without a dashboard, so Ray Train's
+# placement group cleaner could not see that a stopped trial's controller was gone and its worker
+# group's CPUs stayed reserved. conftest's guard now fails any module that leaves a group behind.
 def test_tune_stops_the_diverging_trial_early_and_registers_the_best(sweep):
     summary, workspace = sweep["summary"], sweep["workspace"]
     trials = storage.read_json(os.path.join(summary["output"], "results.json"))
@@ -114,7 +113,6 @@ def test_tune_stops_the_diverging_trial_early_and_registers_the_best(sweep):
     assert recorded["run_id"] == best_child.info.run_id
 
 
-@pytest.mark.tune_sweep
 def test_rerunning_a_sweep_restores_it_instead_of_training_again(sweep):
     """The same --name restores the experiment (Tuner.restore): finished trials are not re-run."""
     again = run_cli(["image", "tune", *sweep["common"], *sweep["flags"], "--no-register-best"])
