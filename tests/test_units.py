@@ -105,3 +105,21 @@ def test_serve_configs_name_real_settings_and_workloads(name):
     assert app["import_path"] == "ray_app.serving.app:build_app" and app["route_prefix"] == f"/{name}"
     settings = ServeSettings.model_validate(app["args"])  # unknown or mistyped keys fail here
     assert settings.workload == name and name in names()
+
+
+def test_every_runnable_module_defines_everything_before_it_runs():
+    """`python -m ray_app.x` runs the `__main__` block where it stands: anything defined below it
+    does not exist yet (`make demo-ctr` once failed with a NameError this way)."""
+    import ast
+    from pathlib import Path
+
+    import ray_app
+
+    late = []
+    for path in Path(ray_app.__file__).parent.rglob("*.py"):
+        body = ast.parse(path.read_text()).body
+        for index, node in enumerate(body):
+            is_main = isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) and "__name__" in ast.unparse(node.test)
+            if is_main and index != len(body) - 1:
+                late.append(str(path.relative_to(Path(ray_app.__file__).parent)))
+    assert not late, late

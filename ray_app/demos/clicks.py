@@ -182,10 +182,6 @@ def main(argv: list[str] | None = None) -> None:
     print("options for ray-app ctr: " + json.dumps(CRITEO_BEHAVIOUR_OPTIONS if args.behaviour_effect else CRITEO_OPTIONS))
 
 
-if __name__ == "__main__":
-    main()
-
-
 # ---- make demo-ctr: the lift from behaviour features, and a live event -> prediction change ---------
 def _chain(workspace: str, data: str, options: dict[str, Any], epochs: int, extra: dict[str, Any] | None = None):
     """prepare -> train -> evaluate for one option set; returns (config, evaluation report)."""
@@ -329,3 +325,7 @@ def degraded_manifest_behaviour(config: Any) -> dict[str, Any]:
 
 def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
+
+
+if __name__ == "__main__":
+    main()
