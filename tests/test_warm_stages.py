@@ -24,15 +24,6 @@ def test_pool_is_sized_to_the_input(max_workers, rows, rows_per_call, expected):
     assert warm.pool_size(max_workers, rows, rows_per_call) == expected
 
 
-def test_a_large_input_starts_its_whole_actor_pool_at_once():
-    assert warm.runs_as_warm_tasks(600, 256, use_gpu=False)
-    assert not warm.runs_as_warm_tasks(20_000, 256, use_gpu=False)
-    assert not warm.runs_as_warm_tasks(600, 256, use_gpu=True)  # the device stays pinned to an actor
-    assert not warm.runs_as_warm_tasks(None, 256, use_gpu=False)
-    pool = warm.actor_pool(warm.pool_size(2, 20_000, 256))
-    assert (pool.min_size, pool.max_size, pool.initial_size) == (1, 2, 2)
-
-
 class Counter:
     built = 0
 

@@ -64,20 +64,6 @@ def call_warm(batch: Any, cls: type, constructor_kwargs: dict[str, Any], run_tok
     return _instance(cls, constructor_kwargs, run_token)(batch)
 
 
-def runs_as_warm_tasks(rows: int | None, batch_size: int, use_gpu: bool) -> bool:
-    """A small CPU input runs as warm tasks; a large or unknown one, or a GPU step, on an actor pool."""
-    return not use_gpu and rows is not None and calls(rows, batch_size) <= WARM_TASK_MAX_CALLS
-
-
-def actor_pool(size: int) -> ray.data.ActorPoolStrategy:
-    """The pool is sized to the input, so every actor will find work: all start at once rather than
-    growing from one (Ray adds actors only as the queue builds, which left a 20k-image predict on
-    one actor for its first seconds)."""
-    import ray.data
-
-    return ray.data.ActorPoolStrategy(min_size=1, max_size=size, initial_size=size)
-
-
 def stateful_map(
     dataset: ray.data.Dataset,
     cls: type,
@@ -96,7 +82,7 @@ def stateful_map(
     import ray.data
 
     size = pool_size(max_workers, rows, batch_size)
-    if runs_as_warm_tasks(rows, batch_size, use_gpu):
+    if not use_gpu and rows is not None and calls(rows, batch_size) <= WARM_TASK_MAX_CALLS:
         return dataset.map_batches(
             call_warm,
             fn_kwargs={"cls": cls, "constructor_kwargs": constructor_kwargs, "run_token": run_token or new_run_token()},
@@ -108,7 +94,7 @@ def stateful_map(
         cls,
         fn_constructor_kwargs=constructor_kwargs,
         batch_size=batch_size,
-        compute=actor_pool(size),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size),
         num_gpus=1 if use_gpu else None,
         **map_batches_kwargs,
     )
