@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
 def _chain(workspace: str, data: str, options: dict[str, Any], epochs: int, extra: dict[str, Any] | None = None):
     """prepare -> train -> evaluate for one option set; returns (config, evaluation report)."""
     from ray_app.config import load_config
-    from ray_app.engine.evaluate import run_evaluate
+    from ray_app.engine.evaluate import REPORT_FILE, run_evaluate
     from ray_app.engine.prepare import run_prepare
     from ray_app.engine.train import run_train
 
@@ -202,7 +202,9 @@ def _chain(workspace: str, data: str, options: dict[str, Any], epochs: int, extr
     config = load_config("ctr", overrides=overrides)
     run_prepare(config)
     run_train(config)
-    return config, run_evaluate(config)
+    run_evaluate(config)
+    # The whole report (the stage's summary leaves out e.g. the calibration buckets).
+    return config, storage.read_json(storage.join(config.evaluation_uri(), REPORT_FILE))
 
 
 def degraded_report(config: Any, frame: pd.DataFrame) -> dict[str, Any]:
@@ -255,7 +257,7 @@ def behaviour_demo(workspace: str, epochs: int, port: int) -> dict[str, Any]:
     baseline = behaviour["baseline"]
     print("MovieLens-100K, time split (train < val < test), one run:", flush=True)
     for name, report in (
-        ("per-item click rate (baseline)", {**baseline, "calibration": None}),
+        ("per-item click rate (baseline)", baseline),
         ("today's model (static fields)", static),
         ("behaviour model", behaviour),
         ("behaviour model, store down (degraded)", degraded),

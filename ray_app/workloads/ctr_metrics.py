@@ -58,6 +58,7 @@ def item_rate_baseline(prepared_uri: str, smoothing: float = 20.0) -> dict[str, 
         "name": "per-item click rate (smoothed) from the training window",
         "auc": float(roc_auc_score(labels, predicted)) if len(np.unique(labels)) == 2 else None,
         "log_loss": float(log_loss(labels, np.clip(predicted, 1e-7, 1 - 1e-7), labels=[0, 1])),
+        "calibration": calibration(labels, predicted),
     }
 
 
