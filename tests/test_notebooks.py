@@ -73,3 +73,7 @@ def test_notebook_runs_end_to_end(name, notebook_run):
         probabilities = re.search(r"HTTP 200: \{.*'click_probability': \[([0-9., ]+)\]", text)
         assert probabilities and len([float(p) for p in probabilities.group(1).split(",")]) == 3
         assert re.search(r"HTTP 422: .*age", text)
+        # The user's new events reach Redis and change that user's next prediction (not degraded).
+        assert "events: (200, {'ingested': 3" in text
+        before = number(r"before: 200 \[([0-9.]+)\] degraded: False", text)
+        assert before != number(r"after:  200 \[([0-9.]+)\] degraded: False", text)
