@@ -76,7 +76,12 @@ class RegistryStore:
     def children(self, rel: str) -> list[pafs.FileInfo]:
         """Direct children (files and folders) of ``rel``; empty when it does not exist."""
         selector = pafs.FileSelector(self._path(rel), allow_not_found=True, recursive=False)
-        return self.fs.get_file_info(selector)
+        try:
+            return self.fs.get_file_info(selector)
+        except FileNotFoundError:
+            # allow_not_found covers a folder that is absent when looked up, not one another process
+            # creates while it is being listed (seen with concurrent alias moves): still "not there yet".
+            return []
 
     def files(self, rel: str) -> list[str]:
         """Paths, relative to ``rel``, of every file below it (one listing, also on object stores)."""
