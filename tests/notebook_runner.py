@@ -19,7 +19,7 @@ NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 # Enough to see the behaviour each notebook shows (learning above the majority class, a calibrated
 # click model); the notebooks' own defaults are for reading, not for the test's clock.
 TEST_PARAMETERS = {
-    "image": {"IMAGES": 500, "EPOCHS": 3},
+    "image": {"IMAGES": 500, "EPOCHS": 6},
     "text": {"REVIEWS": 120, "EPOCHS": 1},
     "ctr": {"EVENTS": 10000, "EPOCHS": 2},
 }
