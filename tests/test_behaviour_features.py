@@ -263,3 +263,37 @@ def test_the_groupby_shuffle_is_sized_to_the_cluster():
     assert behaviour.shuffle_partitions(2) == 4
     assert behaviour.shuffle_partitions(0) == 1
     assert behaviour.shuffle_partitions(10_000) == behaviour.MAX_PARTITIONS
+
+
+def test_one_pass_over_many_users_matches_each_event_computed_from_its_own_past():
+    """The vectorised offline path against the definition, event by event: a log of several users
+    and items with same-second ties, unusable times and a user id missing."""
+    log = click_log(300, seed=11)
+    log.loc[[4, 90], "timestamp"] = np.nan
+    log.loc[[7], "user_id"] = None
+    features = behaviour_frame(log, SPEC).set_index("event_id")
+    assert sorted(features.index) == sorted(log.event_id)  # nothing dropped, untimed rows included
+    timed = log[np.isfinite(log.timestamp)]
+    for event in log.itertuples():
+        row = features.loc[event.event_id]
+        if not np.isfinite(event.timestamp):
+            assert row["bh_user_events_30s"] == 0 and list(row["bh_last_items"]) == []
+            continue
+        same_user = timed.user_id.isna() if event.user_id is None else timed.user_id == event.user_id
+        mine = timed[same_user & (timed.timestamp < event.timestamp)]
+        on_item = timed[(timed.item_id == event.item_id) & (timed.timestamp < event.timestamp)]
+        for w, window in zip(("30s", "5m"), SPEC.user_windows_s, strict=True):
+            recent = mine[mine.timestamp >= event.timestamp - window]
+            assert (row[f"bh_user_events_{w}"], row[f"bh_user_clicks_{w}"]) == (len(recent), recent.click.sum()), (event.event_id, w)
+        recent = on_item[on_item.timestamp >= event.timestamp - 60]
+        assert (row["bh_item_events_1m"], row["bh_item_clicks_1m"]) == (len(recent), recent.click.sum())
+        # Newest first; same-second events in the order Redis keeps them (by stored entry).
+        entries = sorted(
+            (
+                (t, behaviour.encode_entry(e, i, g, c), i)
+                for t, e, i, g, c in zip(mine.timestamp, mine.event_id, mine.item_id, mine.genre, mine.click, strict=True)
+            ),
+            reverse=True,
+        )
+        assert list(row["bh_last_items"]) == [i for _, _, i in entries[: SPEC.last_n]], event.event_id
+        assert row["bh_user_since_last_s"] == (event.timestamp - mine.timestamp.max() if len(mine) else NO_HISTORY_S)

@@ -1,8 +1,8 @@
 """The one definition of the click workload's behaviour features, for both paths:
 
 - offline (training, batch backfill checks): ``add_behaviour_features`` computes each row's features
-  from the events strictly before it, per user and per item, with Ray Data (``groupby`` +
-  ``map_groups``: a user's events are sorted by time inside one group);
+  from the events strictly before it, per user and per item, with Ray Data (a hash shuffle by user,
+  then by item, and each partition's groups sorted by time in one vectorised pass);
 - online (serving): ``ray_app.features.online_store.OnlineStore`` keeps the same history in Redis as
   events arrive and ``assemble`` turns what it reads into the same columns.
 
@@ -149,18 +149,72 @@ def _clicks_of(raw: pd.Series) -> np.ndarray:
     return (pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan) == 1.0).astype(np.int64)
 
 
-def _ordered(group: pd.DataFrame, spec: BehaviourSpec) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray]:
-    """Rows with a usable time, sorted by (time, stored entry) as Redis orders a sorted set."""
-    times = pd.to_numeric(group[spec.time_column], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-    clicks = _clicks_of(group[spec.label_column])
-    categories = group[spec.category_column].astype(str) if spec.category_column else pd.Series([""] * len(group), index=group.index)
-    entries = [
-        encode_entry(e, i, c, k)
-        for e, i, c, k in zip(group[spec.event_column].astype(str), group[spec.item_column].astype(str), categories, clicks, strict=True)
-    ]
-    order = pd.DataFrame({"t": times, "entry": entries}).sort_values(["t", "entry"], kind="stable").index.to_numpy()
-    order = order[np.isfinite(times[order])]
-    return group.iloc[order], times[order], clicks[order], np.asarray(entries, dtype=object)[order]
+def _count_below(keys: np.ndarray, times: np.ndarray, query_keys: np.ndarray, query_times: np.ndarray) -> np.ndarray:
+    """For each query (key, time): how many of the (key, time) pairs, which are sorted by key then
+    time, come strictly before it. ``np.searchsorted(side="left")`` on pairs, exact for any times:
+    one stable sort of the pairs and the queries together, a query before an equal pair."""
+    n = len(keys)
+    order = np.lexsort((np.r_[np.ones(n, np.int8), np.zeros(len(query_keys), np.int8)], np.r_[times, query_times], np.r_[keys, query_keys]))
+    is_pair = order < n
+    pairs_before = np.cumsum(is_pair) - is_pair
+    counts = np.empty(len(query_keys), dtype=np.int64)
+    counts[order[~is_pair] - n] = pairs_before[~is_pair]
+    return counts
+
+
+@dataclass
+class _Timeline:
+    """The timed rows of many groups (users or items), sorted by (group, time, stored entry) as
+    Redis orders each group's sorted set; per row, indices into that order: ``start`` = the group's
+    first row, ``before`` = one past its last strictly earlier row."""
+
+    rows: pd.DataFrame
+    keys: np.ndarray  # the group as an integer code
+    times: np.ndarray
+    clicks: np.ndarray
+    items: np.ndarray
+    categories: np.ndarray
+    start: np.ndarray
+    before: np.ndarray
+
+    def window_counts(self, windows: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(events, clicks) of the row's group in [t - w, t), per window ``w``."""
+        keys = self.keys
+        cumulative = np.concatenate([[0], np.cumsum(self.clicks)])
+        counts = []
+        for w in windows:
+            first = _count_below(keys, self.times, keys, self.times - w)
+            counts.append(((self.before - first).astype(np.float64), (cumulative[self.before] - cumulative[first]).astype(np.float64)))
+        return counts
+
+
+def _timeline(frame: pd.DataFrame, spec: BehaviourSpec, group_column: str) -> _Timeline:
+    times = pd.to_numeric(frame[spec.time_column], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    timed = np.isfinite(times)
+    rows, times = frame[timed], times[timed]
+    keys = pd.factorize(rows[group_column])[0]
+    clicks = _clicks_of(rows[spec.label_column])
+    items = rows[spec.item_column].astype(str).to_numpy(dtype=object)
+    categories = (
+        rows[spec.category_column].astype(str).to_numpy(dtype=object) if spec.category_column else np.full(len(rows), "", dtype=object)
+    )
+    entries = np.asarray(
+        [encode_entry(e, i, c, k) for e, i, c, k in zip(rows[spec.event_column].astype(str), items, categories, clicks, strict=True)],
+        dtype=object,
+    )
+    entry_rank = np.unique(entries, return_inverse=True)[1] if len(entries) else np.zeros(0, np.int64)
+    order = np.lexsort((entry_rank, times, keys))
+    keys, times = keys[order], times[order]
+    return _Timeline(
+        rows=rows.iloc[order].reset_index(drop=True),
+        keys=keys,
+        times=times,
+        clicks=clicks[order],
+        items=items[order],
+        categories=categories[order],
+        start=_count_below(keys, times, keys, np.full(len(keys), -np.inf)),
+        before=_count_below(keys, times, keys, times),
+    )
 
 
 def _untimed(group: pd.DataFrame, spec: BehaviourSpec, columns: list[str]) -> pd.DataFrame:
@@ -172,52 +226,44 @@ def _untimed(group: pd.DataFrame, spec: BehaviourSpec, columns: list[str]) -> pd
     return pd.concat([rows, pd.DataFrame({c: empty[c] for c in columns}, index=rows.index)], axis=1)
 
 
-def _window_counts(times: np.ndarray, clicks: np.ndarray, windows: Sequence[int]) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
-    """Per row: how many rows are strictly earlier (``before``), and (events, clicks) in [t - w, t)."""
-    before = np.searchsorted(times, times, side="left")
-    cumulative = np.concatenate([[0], np.cumsum(clicks)])
-    counts = []
-    for w in windows:
-        start = np.searchsorted(times, times - w, side="left")
-        counts.append((before - start, cumulative[before] - cumulative[start]))
-    return before, counts
+def _set_counts(out: pd.DataFrame, prefix: str, windows: Sequence[int], counts: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    for w, (events, clicked) in zip(map(window_name, windows), counts, strict=True):
+        out[f"{prefix}_events_{w}"] = events
+        out[f"{prefix}_clicks_{w}"] = clicked
+        out[f"{prefix}_click_rate_{w}"] = click_rate(clicked, events)
 
 
-def user_history_features(group: pd.DataFrame, spec: BehaviourSpec) -> pd.DataFrame:
-    """One user's events (any order) with the user features added: ``map_groups`` body."""
-    rows, times, clicks, entries = _ordered(group, spec)
-    before, counts = _window_counts(times, clicks, spec.user_windows_s)
-    out = rows.reset_index(drop=True).copy()
-    features = []
-    for k in range(len(rows)):
-        recent = [(entries[j], times[j]) for j in range(before[k] - 1, max(before[k] - spec.last_n, 0) - 1, -1)]
-        user_counts = [(int(e[k]), int(c[k])) for e, c in counts]
-        row = assemble(spec, times[k], recent, user_counts, [(0, 0)] * len(spec.item_windows_s))
-        features.append({name: row[name] for name in row if not name.startswith("bh_item_")})
+def user_history_features(frame: pd.DataFrame, spec: BehaviourSpec) -> pd.DataFrame:
+    """Events of any number of users (any order) with the user features added: each event gets its
+    user's history strictly before it. Whole partitions at once (vectorised): one pandas call per
+    user cost ~11 ms, 27 s for 10k MovieLens events."""
+    line = _timeline(frame, spec, spec.user_column)
+    out = line.rows.copy()
+    _set_counts(out, "bh_user", spec.user_windows_s, line.window_counts(spec.user_windows_s))
+    last = np.maximum(line.before - 1, 0)
+    out["bh_user_since_last_s"] = np.where(line.before > line.start, line.times - line.times[last], NO_HISTORY_S)
+    # The last N, newest first: rows max(before - last_n, start) .. before - 1, reversed.
+    first = np.maximum(line.before - spec.last_n, line.start)
+    spans = list(zip(first.tolist(), line.before.tolist(), strict=True))
+    out[SEQUENCE_ITEMS] = [line.items[f:b][::-1].tolist() for f, b in spans]
+    out[SEQUENCE_CATEGORIES] = [line.categories[f:b][::-1].tolist() for f, b in spans]
+    out[SEQUENCE_CLICKS] = [line.clicks[f:b][::-1].tolist() for f, b in spans]
     columns = [c for c in spec.columns() if not c.startswith("bh_item_")]
-    timed = pd.concat([out, pd.DataFrame(features, columns=columns)], axis=1)
-    return pd.concat([timed, _untimed(group, spec, columns)], ignore_index=True)
+    return pd.concat([out, _untimed(frame, spec, columns)], ignore_index=True)
 
 
-def item_history_features(group: pd.DataFrame, spec: BehaviourSpec) -> pd.DataFrame:
-    """One item's events with the item features added: ``map_groups`` body."""
-    rows, times, clicks, _ = _ordered(group, spec)
-    _, counts = _window_counts(times, clicks, spec.item_windows_s)
-    out = rows.reset_index(drop=True).copy()
-    for w, (events, clicked) in zip(map(window_name, spec.item_windows_s), counts, strict=True):
-        out[f"bh_item_events_{w}"] = events.astype(np.float64)
-        out[f"bh_item_clicks_{w}"] = clicked.astype(np.float64)
-        out[f"bh_item_click_rate_{w}"] = click_rate(clicked, events)
-    return pd.concat([out, _untimed(group, spec, [c for c in spec.numeric_columns() if c.startswith("bh_item_")])], ignore_index=True)
+def item_history_features(frame: pd.DataFrame, spec: BehaviourSpec) -> pd.DataFrame:
+    """Events of any number of items with the item features added (vectorised as above)."""
+    line = _timeline(frame, spec, spec.item_column)
+    out = line.rows.copy()
+    _set_counts(out, "bh_item", spec.item_windows_s, line.window_counts(spec.item_windows_s))
+    return pd.concat([out, _untimed(frame, spec, [c for c in spec.numeric_columns() if c.startswith("bh_item_")])], ignore_index=True)
 
 
 def behaviour_frame(frame: pd.DataFrame, spec: BehaviourSpec) -> pd.DataFrame:
-    """The offline path on an in-memory log (no Ray): the same group functions ``add_behaviour_features``
-    runs per group."""
-    users = [user_history_features(g, spec) for _, g in frame.groupby(spec.user_column, sort=False)]
-    with_users = pd.concat(users, ignore_index=True) if users else frame.iloc[:0]
-    items = [item_history_features(g, spec) for _, g in with_users.groupby(spec.item_column, sort=False)]
-    return pd.concat(items, ignore_index=True) if items else with_users
+    """The offline path on an in-memory log (no Ray): the same functions ``add_behaviour_features``
+    runs per partition."""
+    return item_history_features(user_history_features(frame, spec), spec)
 
 
 # Hash-shuffle partitions per CPU for the two groupbys. Ray's default is 200 whatever the cluster:
@@ -236,9 +282,12 @@ def add_behaviour_features(ds: ray.data.Dataset, spec: BehaviourSpec) -> ray.dat
     import ray
 
     partitions = shuffle_partitions(ray.cluster_resources().get("CPU", 1))
-    by_user = ds.groupby(spec.user_column, num_partitions=partitions).map_groups(
-        functools.partial(user_history_features, spec=spec), batch_format="pandas"
+    # A hash shuffle by key puts every event of a user (then of an item) in one block, as
+    # ``map_groups`` does; each block then goes through the vectorised function whole
+    # (batch_size=None), not one pandas call per group.
+    by_user = ds.repartition(partitions, keys=[spec.user_column]).map_batches(
+        functools.partial(user_history_features, spec=spec), batch_size=None, batch_format="pandas"
     )
-    return by_user.groupby(spec.item_column, num_partitions=partitions).map_groups(
-        functools.partial(item_history_features, spec=spec), batch_format="pandas"
+    return by_user.repartition(partitions, keys=[spec.item_column]).map_batches(
+        functools.partial(item_history_features, spec=spec), batch_size=None, batch_format="pandas"
     )
