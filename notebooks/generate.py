@@ -50,7 +50,7 @@ def parameters(**values: int) -> tuple[str, str]:
     """The notebook's knobs in one cell tagged ``parameters`` (papermill's convention): a run can
     inject a cell after it with other values, e.g. the tests' smaller data and fewer epochs."""
     lines = [f"{name} = {value}" for name, value in values.items()]
-    return ("parameters", "# Parameters: the data size and epochs of this walkthrough.\n" + "\n".join(lines))
+    return ("parameters", "# Parameters: the data size, epochs and Ray Train workers of this walkthrough.\n" + "\n".join(lines))
 
 
 def setup(workload: str, third_party: list[str], project: list[str]) -> str:
@@ -131,7 +131,7 @@ IMAGE = [
         "and looks at what it wrote. Everything goes under `./workspace/notebook-image`.",
     ),
     ("code", setup("image", ["from PIL import Image"], ["from ray_app.demos.data import first_digit_file, write_image_folders"])),
-    parameters(IMAGES=800, EPOCHS=4),
+    parameters(IMAGES=800, EPOCHS=4, WORKERS=2),
     *CONNECT,
     (
         "md",
@@ -167,13 +167,13 @@ IMAGE = [
     ),
     (
         "md",
-        "## Train (Ray Train, 2 workers)\n\n"
-        "A small ResNet trained with DDP over two Ray Train workers (CPU here; `--use-gpu` on a GPU "
+        "## Train (Ray Train)\n\n"
+        "A small ResNet trained with DDP over `WORKERS` Ray Train workers (CPU here; `--use-gpu` on a GPU "
         "node), a checkpoint per epoch. Re-running the same `--run-name` resumes from its last checkpoint.",
     ),
     (
         "code",
-        'trained = stage("train", "--run-name", "nb", "--epochs", str(EPOCHS), "--num-workers", "2", "--batch-size", "16")\n'
+        'trained = stage("train", "--run-name", "nb", "--epochs", str(EPOCHS), "--num-workers", str(WORKERS), "--batch-size", "16")\n'
         "print(f\"{trained['epochs_completed']} epochs in {trained['seconds']} s\")\n"
         'print({k: round(v, 4) for k, v in trained["metrics"].items() if isinstance(v, float)})',
     ),
@@ -246,7 +246,7 @@ TEXT = [
         "reviews. Everything goes under `./workspace/notebook-text`.",
     ),
     ("code", setup("text", ["import pandas as pd"], ["from ray_app.demos.data import write_text_demo"])),
-    parameters(REVIEWS=200, EPOCHS=1),
+    parameters(REVIEWS=200, EPOCHS=1, WORKERS=2),
     *CONNECT,
     (
         "md",
@@ -272,13 +272,13 @@ TEXT = [
     ),
     (
         "md",
-        "## Train (Ray Train, 2 workers)\n\n"
-        "Fine-tune MiniLM (mean pooling + a linear head) with DDP over two workers: AdamW, lr 1e-4 with "
+        "## Train (Ray Train)\n\n"
+        "Fine-tune MiniLM (mean pooling + a linear head) with DDP over `WORKERS` workers: AdamW, lr 1e-4 with "
         "warm-up, one epoch.",
     ),
     (
         "code",
-        'trained = stage("train", "--run-name", "nb", "--epochs", str(EPOCHS), "--num-workers", "2", "--batch-size", "16")\n'
+        'trained = stage("train", "--run-name", "nb", "--epochs", str(EPOCHS), "--num-workers", str(WORKERS), "--batch-size", "16")\n'
         "print(f\"{trained['epochs_completed']} epoch(s) in {trained['seconds']} s\")\n"
         'print({k: round(v, 4) for k, v in trained["metrics"].items() if isinstance(v, float)})',
     ),
@@ -350,7 +350,7 @@ CTR = [
             ],
         ),
     ),
-    parameters(EVENTS=20000, EPOCHS=2),
+    parameters(EVENTS=20000, EPOCHS=2, WORKERS=2),
     *CONNECT,
     (
         "md",
@@ -385,11 +385,11 @@ CTR = [
     ),
     (
         "md",
-        "## Train (Ray Train, 2 workers)\n\nDeepFM with sparse id embeddings; two epochs.",
+        "## Train (Ray Train)\n\nDeepFM with sparse id embeddings, DDP over `WORKERS` workers; two epochs.",
     ),
     (
         "code",
-        'trained = stage("train", "--run-name", "nb", "--epochs", str(EPOCHS), "--num-workers", "2")\n'
+        'trained = stage("train", "--run-name", "nb", "--epochs", str(EPOCHS), "--num-workers", str(WORKERS))\n'
         "print(f\"{trained['epochs_completed']} epochs in {trained['seconds']} s\")\n"
         'print({k: round(v, 4) for k, v in trained["metrics"].items() if isinstance(v, float)})',
     ),

@@ -17,11 +17,13 @@ import pytest
 
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
 # Enough to see the behaviour each notebook shows (learning above the majority class, a calibrated
-# click model); the notebooks' own defaults are for reading, not for the test's clock.
+# click model); the notebooks' own defaults are for reading, not for the test's clock. One training
+# worker: DDP over two is the image chain's and the recovery tests' (main session); here a second
+# worker and its data-split coordinators only cost process start-ups on 2 cores.
 TEST_PARAMETERS = {
-    "image": {"IMAGES": 500, "EPOCHS": 6},
-    "text": {"REVIEWS": 120, "EPOCHS": 1},
-    "ctr": {"EVENTS": 10000, "EPOCHS": 2},
+    "image": {"IMAGES": 500, "EPOCHS": 6, "WORKERS": 1},
+    "text": {"REVIEWS": 120, "EPOCHS": 1, "WORKERS": 1},
+    "ctr": {"EVENTS": 10000, "EPOCHS": 2, "WORKERS": 1},
 }
 CLEANUP = "import ray\nfrom ray import serve\n\nif ray.is_initialized():\n    serve.shutdown()\n    ray.shutdown()"
 

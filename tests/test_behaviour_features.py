@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import secrets
+import time
 from dataclasses import asdict
 
 import numpy as np
@@ -19,10 +20,10 @@ from ray import serve
 
 from ray_app.features import behaviour
 from ray_app.features.behaviour import NO_HISTORY_S, BehaviourSpec, add_behaviour_features, behaviour_frame
-from ray_app.features.online_store import BadEvent, LocalRedis, OnlineStore, StoreUnavailable
+from ray_app.features.online_store import BadEvent, LocalRedis, OnlineStore, StoreUnavailable, StoreUnseeded, backfill
 from ray_app.serving.app import compose_app
 from ray_app.serving.loaders import InMemoryLoader, untrained_model
-from ray_app.workloads.ctr import CLASSES, CTRPreparer, CTRTransform
+from ray_app.workloads.ctr import CLASSES, STORE_RETRY_S, CTRPreparer, CTRTransform
 
 # Small windows and history so that retention trimming happens inside a short log.
 SPEC = BehaviourSpec(
@@ -48,6 +49,7 @@ def redis_url():
 def store(redis_url):
     store = OnlineStore(redis_url, SPEC, timeout_s=2.0)
     store.client.flushdb()
+    store.mark_seeded({"source": "test"})
     return store
 
 
@@ -163,6 +165,29 @@ def test_store_down_is_an_error_the_caller_can_degrade_on():
         store.ingest(click_log(1).to_dict("records"))
 
 
+def test_a_store_without_its_history_is_unseeded_until_backfilled(ray_session, tmp_path):
+    """A Redis restarted without persistence answers, empty: reads say so instead of serving every
+    user as new; the backfill (which ingests the whole log, in Ray Data) marks it complete."""
+    log = click_log(50)
+    path = tmp_path / "log.parquet"
+    log.to_parquet(path)
+    server = LocalRedis()
+    url = server.start()
+    try:
+        store = OnlineStore(url, SPEC, timeout_s=2.0)
+        with pytest.raises(StoreUnseeded):
+            store.read(["u0"], ["0"], [1e9])
+        assert backfill(url, SPEC, str(path)) == {"ingested": 50, "rejected": 0}
+        assert store.read(["u0"], ["0"], [1e9])["bh_last_items"][0]
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        server.stop()
+        server.start(port=port)  # the same address, restarted without its data
+        with pytest.raises(StoreUnseeded):
+            store.read(["u0"], ["0"], [1e9])
+    finally:
+        server.stop()
+
+
 # ---- the endpoint: POST /ctr/events, POST /ctr/predict, DELETE /ctr/users/<id>, store down ------
 API_KEY = secrets.token_urlsafe(16)
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -216,6 +241,10 @@ def test_events_change_the_next_prediction_and_a_store_outage_degrades_it(ctr_en
         assert answer.status_code == 200, answer.text
         return answer.json()
 
+    # A store that was never backfilled (or restarted empty) holds no history: degraded, not "new user".
+    assert predict()["degraded"] is True
+    OnlineStore(redis_server.url, SPEC).mark_seeded({"source": "test"})
+    time.sleep(STORE_RETRY_S)  # the replica looks again after its back-off
     before = predict()
     assert before["degraded"] is False
     events = [
@@ -237,6 +266,11 @@ def test_events_change_the_next_prediction_and_a_store_outage_degrades_it(ctr_en
     purged = requests.delete(f"{endpoint}/users/u1", headers=AUTH, timeout=30)
     assert purged.status_code == 200 and purged.json()["purged_keys"] >= 1
     assert predict()["click_probability"] == before["click_probability"]  # no user history; the item had none
+    port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
+    redis_server.stop()
+    redis_server.start(port=port)  # back at the same address without its data (no persistence)
+    time.sleep(STORE_RETRY_S)
+    assert predict()["degraded"] is True
     redis_server.stop()
     down = predict()  # static features only, marked, never a 5xx
     assert down["degraded"] is True and down["click_probability"] == before["click_probability"]

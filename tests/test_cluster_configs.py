@@ -1444,6 +1444,7 @@ def test_redis_server_runs_with_the_manifests_flags_and_the_ctr_client_needs_the
         }
         spec = BehaviourSpec(user_column="user", item_column="item", time_column="t", label_column="click", event_column="id")
         store = OnlineStore(url, spec, timeout_s=2.0)
+        store.mark_seeded({"source": "test"})
         assert store.ingest([{"id": "e1", "user": "u1", "item": "i1", "t": 100.0, "click": 1}]) == 1
         assert store.read(["u1"], ["i2"], [200.0])["bh_user_clicks_1h"] == [1]
         # A full store (noeviction): ingest fails (the endpoint answers 503), reads still answer.

@@ -12,6 +12,12 @@ Layout (score = event time in seconds): ``bh:u:<user>`` the user's history entri
 four and trims them, atomically; ingesting the same event id twice changes nothing. Retention: a
 user keeps their last ``last_n`` entries plus everything within the longest window of their newest
 event; an item keeps its longest window. Reads ``as of t`` never see entries at or after ``t``.
+
+``bh:meta:seeded`` says the store holds the whole history: ``backfill`` sets it when it completes
+(``start-empty`` on a new deployment with no log). A Redis that restarts without persistence comes
+back empty, marker included, and still answers: reads then raise ``StoreUnseeded``, so serving
+degrades (static features, ``"degraded": true``, counted) instead of scoring every user as new,
+until a backfill runs again. The check is one more command in the read's round trip.
 (On Redis Cluster the four keys of one event are in different slots: run one primary, or shard by
 user with a proxy; a single Redis holds ~100 M entries per 10 GB.)
 """
@@ -57,6 +63,13 @@ return 1
 
 class StoreUnavailable(RuntimeError):
     """The online store did not answer (down, unreachable, too slow): callers degrade, never fail."""
+
+
+class StoreUnseeded(StoreUnavailable):
+    """The store answers but holds no complete history (e.g. Redis restarted empty): backfill it."""
+
+
+SEEDED_KEY = "bh:meta:seeded"
 
 
 class BadEvent(ValueError):
@@ -145,6 +158,18 @@ class OnlineStore:
             raise StoreUnavailable(f"online store: {type(exc).__name__}") from None
         return len(parsed)
 
+    def mark_seeded(self, note: Mapping[str, Any]) -> None:
+        """Record that the store now holds the whole history (after a backfill, or deliberately empty)."""
+        import json
+        import time
+
+        import redis
+
+        try:
+            self.client.set(SEEDED_KEY, json.dumps({**note, "at": time.time()}))
+        except redis.RedisError as exc:
+            raise StoreUnavailable(f"online store: {type(exc).__name__}") from None
+
     def purge_user(self, user: str) -> int:
         """Forget a user's history (e.g. an erasure request); returns the keys removed. Their events
         stay inside item counts, which hold event ids only, not who made them."""
@@ -158,11 +183,13 @@ class OnlineStore:
     # ---- reads -----------------------------------------------------------------------------
     def read(self, users: Sequence[Any], items: Sequence[Any], times: Sequence[float]) -> dict[str, list[Any]]:
         """Feature columns (``BehaviourSpec.columns()``) for events as of their times, in one
-        pipelined round trip; raises ``StoreUnavailable`` when the store does not answer."""
+        pipelined round trip; raises ``StoreUnavailable`` when the store does not answer, and
+        ``StoreUnseeded`` when it answers without its history (``SEEDED_KEY`` missing)."""
         import redis
 
         s = self.spec
         pipe = self.client.pipeline(transaction=False)
+        pipe.exists(SEEDED_KEY)
         for user, item, t in zip(users, items, times, strict=True):
             user_all, user_clicks = self.user_keys(str(user))
             item_all, item_clicks = self.item_keys(str(item))
@@ -178,6 +205,9 @@ class OnlineStore:
             answers = pipe.execute()
         except redis.RedisError as exc:
             raise StoreUnavailable(f"online store: {type(exc).__name__}") from None
+        seeded, answers = answers[0], answers[1:]
+        if not seeded:
+            raise StoreUnseeded("online store holds no backfilled history (restarted empty?): run the backfill")
         per_event = 1 + 2 * len(s.user_windows_s) + 2 * len(s.item_windows_s)
         columns: dict[str, list[Any]] = {c: [] for c in s.columns()}
         for k, t in enumerate(times):
@@ -220,7 +250,9 @@ def backfill(url: str, spec: BehaviourSpec, input_uri: str, batch_size: int = 20
         return {"ingested": [len(good)], "rejected": [bad]}
 
     counts = read_table(input_uri).map_batches(ingest_batch, batch_size=batch_size, batch_format="pandas").sum(["ingested", "rejected"])
-    return {"ingested": int(counts["sum(ingested)"]), "rejected": int(counts["sum(rejected)"])}
+    summary = {"ingested": int(counts["sum(ingested)"]), "rejected": int(counts["sum(rejected)"])}
+    OnlineStore(url, spec, timeout_s=5.0).mark_seeded({"source": input_uri, **summary})  # only once every block is in
+    return summary
 
 
 class LocalRedis:
@@ -236,13 +268,14 @@ class LocalRedis:
         self.process: Any = None
         self.url = ""
 
-    def start(self, timeout_s: float = 10.0) -> str:
+    def start(self, timeout_s: float = 10.0, port: int | None = None) -> str:
+        """Start it (on ``port``, e.g. the one of a server stopped before, as a restart)."""
         import subprocess
         import time
 
         from ray_app.runtime import unused_loopback_port
 
-        port = unused_loopback_port()
+        port = port or unused_loopback_port()
         self.process = subprocess.Popen(
             [self.binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--protected-mode", "yes"],
             stdout=subprocess.DEVNULL,
@@ -285,7 +318,7 @@ def model_spec(models: str, ref: str) -> BehaviourSpec:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m ray_app.features.online_store backfill|purge``: the batch side of the store. The
+    """``python -m ray_app.features.online_store backfill|start-empty|purge``: the batch side of the store. The
     Redis URL comes from --url (password in $RAY_APP_REDIS_PASSWORD); the history layout from the
     registered model, so the store keeps what that model reads."""
     import argparse
@@ -298,12 +331,17 @@ def main(argv: list[str] | None = None) -> None:
     actions = parser.add_subparsers(dest="action", required=True)
     fill = actions.add_parser("backfill", help="fill the history from an event log (Parquet/CSV/JSONL), with Ray Data")
     fill.add_argument("--input", required=True)
+    actions.add_parser("start-empty", help="a new deployment with no event log: declare the empty store complete")
     purge = actions.add_parser("purge", help="forget one user's history (an erasure request)")
     purge.add_argument("--user", required=True)
     args = parser.parse_args(argv)
     spec = model_spec(args.models, args.model)
     if args.action == "purge":
         print(json.dumps({"purged_keys": OnlineStore(args.url, spec, timeout_s=5.0).purge_user(args.user)}))
+        return
+    if args.action == "start-empty":
+        OnlineStore(args.url, spec, timeout_s=5.0).mark_seeded({"source": "start-empty"})
+        print(json.dumps({"seeded": True}))
         return
     from ray_app.runtime import connect
 
