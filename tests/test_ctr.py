@@ -17,7 +17,7 @@ import requests
 from conftest import ROWS
 from ray import serve
 
-from ray_app.demos.clicks import CATEGORICAL, MOVIELENS_OPTIONS, NUMERIC, generate_criteo
+from ray_app.demos.clicks import CATEGORICAL, MOVIELENS_OPTIONS, NUMERIC, generate_block, generate_criteo
 from ray_app.workloads.ctr import CTRWorkload
 
 
@@ -76,6 +76,17 @@ def test_generator_has_criteo_schema_and_known_auc(ray_session, tmp_path):
     true_auc = roc_auc_score(a["click"], a["true_probability"])
     assert 0.7 < true_auc < 0.9
     assert abs(a["click"].mean() - a["true_probability"].mean()) < 0.02
+
+
+def test_behaviour_generator_adds_the_known_term_to_the_static_truth():
+    """The behavioural benchmark splits AUC into the signal's share and the static fields' share:
+    that needs the truth without the term, and the term exactly as documented."""
+    block = generate_block({"id": np.arange(4_000)}, seed=5, behaviour_effect=1.0)
+    logit = lambda p: np.log(p / (1 - p))  # noqa: E731
+    term = logit(block["true_probability"]) - logit(block["true_static_probability"])
+    clicks, events = block.groupby("user_id")["click"].cumsum() - block["click"], block.groupby("user_id").cumcount()
+    np.testing.assert_allclose(term, 5.0 * ((clicks + 1) / (events + 2) - 0.25), atol=1e-9)
+    assert block["user_id"].nunique() < len(block) / 10  # users come back: there is a history to learn from
 
 
 @pytest.fixture(scope="module")

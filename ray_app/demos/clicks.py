@@ -111,6 +111,9 @@ def generate_block(batch: dict[str, np.ndarray], seed: int, behaviour_effect: fl
     logit += 0.6 * _value_effects(100, values=(np.char.add(frame["C1"].astype(str), frame["C2"].astype(str))), scale=1.0)
     if behaviour_effect > 0:
         frame["user_id"], frame["true_probability"], frame["click"] = _behaviour_clicks(rng, ids, logit, behaviour_effect)
+        # The truth without the behavioural term: the best any model that ignores history can do
+        # (the term is independent of the row's own fields, so this ranks rows as that model would).
+        frame["true_static_probability"] = 1 / (1 + np.exp(-logit))
         return pd.DataFrame(frame)
     probability = 1 / (1 + np.exp(-logit))
     frame["true_probability"] = probability
