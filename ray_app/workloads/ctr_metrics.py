@@ -23,6 +23,13 @@ def calibration(labels: np.ndarray, predicted: np.ndarray, buckets: int = 10) ->
     return rows
 
 
+def calibration_error(buckets: list[dict[str, float]]) -> float:
+    """Expected calibration error: the row-weighted mean |predicted - observed| over the buckets.
+    Steadier than the worst bucket's gap, which one bucket's few rows can move."""
+    rows = sum(b["rows"] for b in buckets)
+    return float(sum(b["rows"] * abs(b["predicted"] - b["observed"]) for b in buckets) / rows) if rows else float("nan")
+
+
 def click_report(labels: np.ndarray, predicted: np.ndarray) -> tuple[dict[str, Any], dict[str, bytes]]:
     both = len(np.unique(labels)) == 2
     buckets = calibration(labels, predicted)
@@ -35,6 +42,7 @@ def click_report(labels: np.ndarray, predicted: np.ndarray) -> tuple[dict[str, A
         "accuracy": float(((predicted >= 0.5) == labels).mean()),
         "majority_class_accuracy": float(max(labels.mean(), 1 - labels.mean())),
         "calibration": buckets,
+        "calibration_error": calibration_error(buckets),
     }
     return report, {"calibration.png": plots.calibration(buckets)}
 
