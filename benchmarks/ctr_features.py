@@ -6,7 +6,7 @@ One run, one Ray instance, Serve on its fast path (``ray_app.runtime.SERVE_FAST_
 * ingest: events/s into Redis, in-process (pipelined batches of the Lua update) and through
   ``POST /ctr/events`` at concurrency 1 (batches of 100 events per request);
 * the lookup's own latency: ``OnlineStore.read`` for one event, in-process (p50/p99);
-* c=1 end to end: ``POST /ctr/predict`` with the lookup (behaviour model) and without it (the same
+* c=1 end to end (wrk, C, one connection, when installed; else Python): ``POST /ctr/predict`` with the lookup (behaviour model) and without it (the same
   architecture without behaviour inputs), each its own app in the same Serve instance.
 
 Models are the real architectures with seeded weights (``untrained_model``): latency does not depend
@@ -28,7 +28,7 @@ import requests
 from ray import serve
 
 sys.path.insert(0, os.path.dirname(__file__))
-from load import closed_loop  # noqa: E402
+from load import closed_loop, have_wrk, wrk_closed_loop  # noqa: E402
 
 from ray_app.demos.clicks import MOVIELENS_OPTIONS, movielens_clicks  # noqa: E402
 from ray_app.features.behaviour import BehaviourSpec  # noqa: E402
@@ -65,12 +65,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--default-path", action="store_true", help="Serve's default Python proxy instead of the fast path")
+    parser.add_argument(
+        "--python-client", action="store_true", help="c=1 from Python threads + requests, not wrk (its own CPU shows in the tail)"
+    )
     args = parser.parse_args()
     if not args.default_path:
         os.environ.update(SERVE_FAST_PATH_ENV)  # before Ray starts: every Ray process inherits it
     frame = movielens_clicks()
     events = frame[SPEC.event_fields() + ["age", "release_year"]].to_dict("records")
-    results: dict = {"serve_path": "default" if args.default_path else "fast", "events": len(events)}
+    client = "python" if args.python_client or not have_wrk() else "wrk"
+    results: dict = {"serve_path": "default" if args.default_path else "fast", "client": client, "events": len(events)}
     with LocalRedis() as url:
         store = OnlineStore(url, SPEC, timeout_s=2.0)
         started = time.perf_counter()
@@ -108,7 +112,11 @@ def main() -> None:
             url_ = f"{base}/{name}/ctr/predict"
             for _ in range(50):  # warm: connections, first batches
                 requests.post(url_, data=body(0)[0], headers={"Content-Type": "application/json"}, timeout=30).raise_for_status()
-            results[f"c1_{name}"] = closed_loop(url_, body, concurrency=1, seconds=args.seconds)
+            if have_wrk() and not args.python_client:
+                bodies = [body(k)[0] for k in range(500)]
+                results[f"c1_{name}"] = wrk_closed_loop(url_, bodies, "application/json", concurrency=1, seconds=args.seconds)
+            else:
+                results[f"c1_{name}"] = closed_loop(url_, body, concurrency=1, seconds=args.seconds)
             print(json.dumps({f"c1_{name}": results[f"c1_{name}"]}), flush=True)  # kept if a later step fails
         answer = requests.post(f"{base}/with_lookup/ctr/predict", data=body(1)[0], timeout=30).json()
         results["with_lookup_degraded"] = answer["degraded"]
