@@ -73,7 +73,7 @@ tune: setup
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/workspace/mlflow.db
 
-# Tests that start their own Ray cluster (`ray start`/`ray stop`) cannot share the main session's
+# Tests that start their own Ray cluster (`ray start`) cannot share the main session's
 # Ray instance: they run in a second pytest process.
 test: setup
 	$(BIN)/ruff check ray_app tests benchmarks notebooks

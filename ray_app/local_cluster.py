@@ -4,8 +4,9 @@ auth and every port picked free (``start_head``), optionally with the Ray autosc
 Jobs go through the Jobs API with the token in a header. The demos, the tests that need their own
 cluster and the benchmarks all start clusters through this module.
 
-``stop_local_cluster`` is ``ray stop --force``, which stops every Ray process of this user on this
-machine: do not use it next to another Ray instance you want to keep.
+``stop_local_cluster`` stops that one cluster (its processes and their children), not every Ray
+process of the user as ``ray stop --force`` does: a demo or test cluster can run next to the
+user's own Ray, or next to another test process's.
 """
 
 from __future__ import annotations
@@ -88,7 +89,11 @@ def start_head(port: int, *args: str, env: dict[str, str] | None = None, node_ip
         raise RuntimeError(f"ray start failed ({started.returncode}):\n{started.stdout[-2000:]}\n{started.stderr[-2000:]}")
     gcs_address = f"{node_ip or get_node_ip_address()}:{port}"
     cluster = LocalCluster(gcs_address, f"http://127.0.0.1:{dashboard_port}", {"Authorization": f"Bearer {auth_token(env)}"})
-    _wait_for_dashboard(cluster)
+    try:
+        _wait_for_dashboard(cluster)
+    except BaseException:
+        stop_local_cluster(cluster)  # the caller never gets a handle to stop it
+        raise
     return cluster
 
 
@@ -125,9 +130,58 @@ def _wait_for_dashboard(cluster: LocalCluster, timeout_s: float = 120) -> None:
             time.sleep(0.5)
 
 
-def stop_local_cluster() -> None:
-    """``ray stop --force``: the head, the autoscaler and every worker node it started."""
-    subprocess.run([RAY, "stop", "--force"], check=False, capture_output=True, timeout=120)
+def session_dir(gcs_address: str) -> str | None:
+    """The session directory (``/tmp/ray/session_...``) of the cluster whose GCS listens on the
+    port of ``gcs_address``, read from the command line of one of its processes; None when no
+    such process runs on this machine."""
+    import psutil
+
+    port = gcs_address.rsplit(":", 1)[-1]
+    for process in psutil.process_iter(["cmdline"]):
+        args = process.info["cmdline"] or []
+        names_it = f"--gcs_server_port={port}" in args or any(a.startswith("--gcs-address=") and a.endswith(f":{port}") for a in args)
+        if names_it:
+            for arg in args:
+                if arg.startswith("--session-dir="):
+                    return arg.split("=", 1)[1]
+    return None
+
+
+def cluster_processes(gcs_address: str) -> list:
+    """The processes of this one cluster (``psutil.Process``): every process whose command line
+    names its session directory (GCS, raylets incl. the autoscaler's fake nodes, dashboard,
+    monitors) and all their descendants (workers, replicas, HAProxy)."""
+    import psutil
+
+    session = session_dir(gcs_address)
+    if session is None:
+        return []
+    roots = [p for p in psutil.process_iter(["cmdline"]) if session in " ".join(p.info["cmdline"] or [])]
+    found = set(roots)
+    for root in roots:
+        try:
+            found.update(root.children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+    return list(found)
+
+
+def stop_local_cluster(cluster: LocalCluster | str, grace_s: float = 30) -> None:
+    """SIGKILL, as ``ray stop --force`` does, but only this cluster's processes. ``ray stop`` has
+    no way to pick a cluster: it kills every Ray process of the user by name, the user's own Ray
+    and a test process's next to it included."""
+    import psutil
+
+    gcs_address = cluster.gcs_address if isinstance(cluster, LocalCluster) else cluster
+    # Two passes: a raylet may fork a worker between the scan and the kill.
+    for _ in range(2):
+        doomed = cluster_processes(gcs_address)
+        for process in doomed:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(doomed, timeout=grace_s)
 
 
 class NodeWatcher:

@@ -10,7 +10,7 @@ autoscaler launches again if none has room.
 
     python -m ray_app.local_spot              # or: make demo-spot
 
-Stops every Ray process of this user at the end (``ray stop --force``), like the autoscaling demo.
+Stops its cluster at the end (its own processes only), like the autoscaling demo.
 """
 
 from __future__ import annotations
@@ -198,6 +198,7 @@ def run_demo(images: int, epochs: int) -> int:
     def log(message: str) -> None:
         print(f"[{time.monotonic() - started:6.1f}s] {message}", flush=True)
 
+    cluster = None
     try:
         cluster, reclaim_dir = start_reclaimable_cluster(root)
         log(f"head with 0 CPUs and the autoscaler on the reclaiming provider; dashboard {cluster.dashboard_url}")
@@ -214,8 +215,9 @@ def run_demo(images: int, epochs: int) -> int:
             return 1
         return 0
     finally:
-        stop_local_cluster()
-        log("cluster stopped (ray stop --force)")
+        if cluster is not None:
+            stop_local_cluster(cluster)
+            log("cluster stopped (its processes only)")
 
 
 def main(argv: list[str] | None = None) -> int:

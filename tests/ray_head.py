@@ -85,7 +85,7 @@ def shared_head(tmp_path_factory):
         yield info
     finally:
         started = haproxies()
-        stop_head()
+        stop_head(info["address"])  # this head only: the main pytest process's Ray runs beside it
         for p in started:
             try:
                 p.kill()

@@ -30,6 +30,7 @@ import psutil
 import pytest
 import requests
 import yaml
+from own_processes import own_processes
 from PIL import Image
 from small_models import CTR_MANIFEST, SMALL_MODELS, small_registry
 
@@ -245,11 +246,9 @@ def app_args(models: str) -> dict:
 
 def replica_processes(app: str) -> dict[str, psutil.Process]:
     found = {}
-    for p in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(p.info["cmdline"] or [])
-        for name in SMALL_MODELS:
-            if f"ServeReplica:{app}:{name}-model" in cmdline:
-                found[name] = p
+    for name in SMALL_MODELS:
+        for p in own_processes(f"ServeReplica:{app}:{name}-model"):
+            found[name] = p
     return found
 
 
@@ -465,7 +464,7 @@ def _flaky_model():
 
 
 def _flaky_pids() -> set[int]:
-    return {p.pid for p in psutil.process_iter(["cmdline"]) if "ServeReplica:flaky:image-model" in " ".join(p.info["cmdline"] or [])}
+    return {p.pid for p in own_processes("ServeReplica:flaky:image-model")}
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,14 @@
 ``fake_multinode`` provider (cluster/local-autoscaling.yaml), token authentication on, work
 submitted through the Jobs API as a user would.
 
-These tests start and stop their own Ray cluster (``ray stop --force`` at the end), so they cannot
-share a process with the main suite's Ray instance: ``make test`` runs them in a second pytest
-process (``pytest -m own_cluster``). They do not use that process's shared head (tests/ray_head.py)
+These tests start and stop their own Ray cluster (``ray start``; its processes only are stopped at
+the end), so they cannot share a process with the main suite's Ray instance: ``make test`` runs
+them in a second pytest process (``pytest -m own_cluster``), beside the main one. They do not use that process's shared head (tests/ray_head.py)
 either: the autoscaler only manages a head started with ``--autoscaling-config`` and, to show nodes
 coming and going, the head must have no CPUs, so every task waits for a node; and Serve, which the
 other own-cluster tests run, would start a proxy on each fake node, all on this one machine and port.
-This module runs first in the process (and stops its cluster before the shared head starts).
+This module runs first in the process; its last test starts the shared head and then stops this
+cluster beside it.
 
 One job carries every scenario: prepare + train with a checkpoint per epoch, a node that hosts a
 training worker reclaimed by the provider after the first checkpoint (Spot capacity), the run
@@ -31,6 +32,7 @@ from ray_app.local_cluster import (
     DEFAULT_CONFIG,
     RUN_NAME,
     NodeWatcher,
+    cluster_processes,
     image_job_entrypoint,
     stage_summaries,
     stop_local_cluster,
@@ -58,12 +60,13 @@ def cluster(cluster_dir):
         # The Jobs client always prefers these over the address it is given.
         mp.delenv("RAY_ADDRESS", raising=False)
         mp.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+        # cluster/local-autoscaling.yaml on fake_multinode's provider extended to reclaim nodes
+        # on request, like Spot capacity (ray_app.local_spot); until asked, it is fake_multinode.
+        started = start_reclaimable_cluster(str(cluster_dir))[0]
         try:
-            # cluster/local-autoscaling.yaml on fake_multinode's provider extended to reclaim nodes
-            # on request, like Spot capacity (ray_app.local_spot); until asked, it is fake_multinode.
-            yield start_reclaimable_cluster(str(cluster_dir))[0]
+            yield started
         finally:
-            stop_local_cluster()
+            stop_local_cluster(started)
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +173,16 @@ def test_job_entrypoint_is_the_documented_cli_quoted_for_the_shell():
     assert train_args[1:5] == ["-m", "ray_app", "image", "train"]
     assert train_args[train_args.index("--epochs") + 1] == "2"
     assert train_args[train_args.index("--cpus-per-worker") + 1] == "0.5"
+
+
+def test_stopping_a_cluster_leaves_other_ray_instances_running(cluster, finished_job, shared_head):
+    """``stop_local_cluster`` stops its own cluster's processes (fake nodes included) and nothing
+    else: the session's shared head (another ``ray start``), and the main suite's Ray that
+    ``make test`` runs beside this process, keep running. ``ray stop --force`` would kill them all."""
+    other = cluster_processes(shared_head["address"])
+    assert other, "the shared head's processes were found"
+    assert len(cluster_processes(cluster.gcs_address)) > 1
+    stop_local_cluster(cluster)  # the fixture's teardown then finds nothing left to stop
+    assert cluster_processes(cluster.gcs_address) == []
+    assert all(p.is_running() for p in other)
+    assert shared_head["client"].list_jobs() is not None  # the other head still answers

@@ -15,6 +15,7 @@ import pytest
 from ray._private.ray_logging import global_worker_stdstream_dispatcher
 
 from ray_app import progress
+from ray_app.local_cluster import session_dir
 
 
 def test_deprecations_raised_from_ray_app_code_are_errors_and_libraries_are_not():
@@ -102,5 +103,5 @@ def test_a_stage_in_a_log_prints_its_progress_not_ray_internals(tmp_path, shared
     ray_lines = [line for line in lines if " INFO " in line or " WARNING " in line or "pid=" in line]
     assert not ray_lines, ray_lines
     assert len(lines) <= 12, "\n".join(lines)
-    session_logs = "/tmp/ray/session_latest/logs"
+    session_logs = os.path.join(session_dir(shared_head["address"]), "logs")  # not session_latest: the main suite's Ray runs beside it
     assert "Connecting to existing Ray cluster" in open(os.path.join(session_logs, progress.DRIVER_LOG_FILE)).read()

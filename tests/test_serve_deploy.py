@@ -24,7 +24,7 @@ from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 from ray.serve._private.utils import import_attr
 from ray_head import run, wait_for
 
-from ray_app.local_cluster import REPO_ROOT
+from ray_app.local_cluster import REPO_ROOT, cluster_processes
 from ray_app.registry import ModelRegistry
 from ray_app.runtime import unused_loopback_port
 
@@ -70,8 +70,16 @@ def app_config(models: str, port: int, pin: str | None = None) -> dict:
     return config
 
 
-def replica_pids() -> set[int]:
-    return {p.pid for p in psutil.process_iter(["cmdline"]) if "ServeReplica:ray_app:image-model" in " ".join(p.info["cmdline"] or [])}
+def replica_pids(address: str) -> set[int]:
+    """This cluster's replicas only: the main suite's Ray serves an app of the same name beside it."""
+    return {p.pid for p in cluster_processes(address) if "ServeReplica:ray_app:image-model" in " ".join(_cmdline(p))}
+
+
+def _cmdline(process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.NoSuchProcess:
+        return []
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +140,7 @@ def test_bad_body_gets_json_422_and_the_app_keeps_serving(deployed):
 def test_pinning_a_version_by_redeploy_reconfigures_in_place_with_zero_failures(deployed):
     """``deployments: [{name: image-model, user_config: {model: "1"}}]`` + ``serve deploy`` again, as
     the comment in app.yaml tells users: a lightweight update, no replica restart, no failed request."""
-    before = replica_pids()
+    before = replica_pids(deployed["address"])
     assert len(before) == 1
     answers: list[tuple[int, int | None]] = []
     stop = threading.Event()
@@ -171,4 +179,4 @@ def test_pinning_a_version_by_redeploy_reconfigures_in_place_with_zero_failures(
     assert versions[0] == 2 and versions[-1] == 1
     # Two clients can interleave one old answer after the first new one, no more.
     assert len(switches) <= 3, versions
-    assert replica_pids() == before, "the pin reconfigured the running replica; it did not replace it"
+    assert replica_pids(deployed["address"]) == before, "the pin reconfigured the running replica; it did not replace it"

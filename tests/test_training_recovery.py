@@ -14,8 +14,8 @@ import signal
 import threading
 import time
 
-import psutil
 import pytest
+from own_processes import own_processes
 
 from ray_app import storage
 from ray_app.cli import run_cli
@@ -48,9 +48,7 @@ def _checkpoints(run_dir: str) -> list[str]:
 
 
 def _training_worker_pids() -> list[int]:
-    return [
-        p.pid for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] and any("RayTrainWorker" in part for part in p.info["cmdline"])
-    ]
+    return [p.pid for p in own_processes("RayTrainWorker")]
 
 
 def _newest_checkpoint_is_mid_epoch(run_dir: str) -> bool:

@@ -250,7 +250,7 @@ def test_grouped_jobs_at_most_once_per_file_across_restarts_wipes_and_retries(cl
     os.remove(os.path.join(state, f"{lost}.json"))
     c = after[c_sid]
     _claim(state, c["job"], [{k: c[k] for k in ("file_id", "file", "size", "mtime_ns")}], "RUNNING", c["output"])
-    stop_head()
+    stop_head(cluster["address"])
     start_head(cluster, num_cpus=2)
     claims = {}
     for name, source, status in (("d.png", digits[3], "SUBMITTING"), ("e.png", digits[4], "RUNNING")):

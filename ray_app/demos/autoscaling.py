@@ -8,8 +8,7 @@ user would, with token authentication on (``RAY_AUTH_MODE=token``, the token fro
 
     python -m ray_app.demos.autoscaling        # or: make demo-autoscaling
 
-The cluster is stopped at the end with ``ray stop --force``, which stops every Ray process of this
-user on this machine: do not run it next to another Ray instance you want to keep.
+The cluster is stopped at the end: its own processes only, other Ray instances keep running.
 """
 
 from __future__ import annotations
@@ -42,6 +41,7 @@ def run_demo(config: str, images: int, epochs: int) -> int:
     def log(message: str) -> None:
         print(f"[{time.monotonic() - started:6.1f}s] {message}", flush=True)
 
+    cluster = None
     try:
         cluster = start_local_cluster(config, workdir=root)
         log(f"dashboard {cluster.dashboard_url}  (GCS {cluster.gcs_address})")
@@ -62,8 +62,9 @@ def run_demo(config: str, images: int, epochs: int) -> int:
         print(f"job {job_id} {status}; its run (checkpoints, curves.png) is in {workspace}/image/runs/autoscaling")
         return 0
     finally:
-        stop_local_cluster()
-        log("cluster stopped (ray stop --force)")
+        if cluster is not None:
+            stop_local_cluster(cluster)
+            log("cluster stopped (its processes only)")
 
 
 def main(argv: list[str] | None = None) -> int:
