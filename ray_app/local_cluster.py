@@ -166,13 +166,14 @@ def cluster_processes(gcs_address: str) -> list:
     return list(found)
 
 
-def stop_local_cluster(cluster: LocalCluster | str, grace_s: float = 30) -> None:
+def stop_local_cluster(cluster: LocalCluster | str, grace_s: float = 30, ray_temp_dir: str | None = None) -> None:
     """SIGKILL, as ``ray stop --force`` does, but only this cluster's processes. ``ray stop`` has
     no way to pick a cluster: it kills every Ray process of the user by name, the user's own Ray
     and a test process's next to it included."""
     import psutil
 
     gcs_address = cluster.gcs_address if isinstance(cluster, LocalCluster) else cluster
+    forget_cluster_address(gcs_address, ray_temp_dir)
     # Two passes: a raylet may fork a worker between the scan and the kill.
     for _ in range(2):
         doomed = cluster_processes(gcs_address)
@@ -182,6 +183,21 @@ def stop_local_cluster(cluster: LocalCluster | str, grace_s: float = 30) -> None
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(doomed, timeout=grace_s)
+
+
+def forget_cluster_address(gcs_address: str, ray_temp_dir: str | None = None) -> None:
+    """What ``ray stop`` also does: remove ``ray_current_cluster``, the address Ray calls with no
+    address connect to (Ray Train's placement group cleaner in any later local session among
+    them), but only while it names this cluster. The host may be written as the node's IP or
+    as 127.0.0.1: the port on this machine decides."""
+    from ray._common.utils import get_ray_address_file
+
+    address_file = Path(get_ray_address_file(ray_temp_dir))
+    try:
+        if address_file.read_text().strip().rsplit(":", 1)[-1] == gcs_address.rsplit(":", 1)[-1]:
+            address_file.unlink()
+    except FileNotFoundError:
+        pass
 
 
 class NodeWatcher:

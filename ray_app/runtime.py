@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -37,6 +38,7 @@ def connect(address: str | None = None, verbose: bool = False) -> str | None:
         if address:
             ray.init(address=address)
         else:
+            forget_stale_cluster_address()
             # A local instance: dashboard on loopback only; Ray's token auth stays at its default (on).
             ray.init(dashboard_host="127.0.0.1", include_dashboard=True)
         if driver_log is not None:
@@ -68,6 +70,37 @@ def quiet_data_progress() -> None:
 
     if not os.isatty(2):
         DataContext.get_current().enable_progress_bars = False
+
+
+def forget_stale_cluster_address(ray_temp_dir: str | None = None) -> None:
+    """Remove ``ray_current_cluster`` when it names a cluster on this machine that is gone.
+
+    ``ray start`` writes its address there and ``ray stop`` removes it; a cluster killed any other
+    way leaves it behind. Ray's calls made with no address read it, inside a local instance's
+    workers too: Ray Train's placement group cleaner asked the dead GCS, crashed, never removed a
+    finished Tune trial's placement group, and the next Ray Data stage waited forever for CPUs.
+    Only a local address that nothing listens on is removed: a live cluster, or another
+    machine's head (as a worker node's file names it), stays."""
+    import psutil
+    from ray._common.utils import get_ray_address_file
+
+    address_file = get_ray_address_file(ray_temp_dir)
+    try:
+        with open(address_file) as f:
+            host, _, port = f.read().strip().rpartition(":")
+    except FileNotFoundError:
+        return
+    local = {a.address for addresses in psutil.net_if_addrs().values() for a in addresses} | {"localhost"}
+    if host not in local or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return  # alive
+    except ConnectionRefusedError:
+        with contextlib.suppress(FileNotFoundError):  # another process removed it first
+            os.remove(address_file)
+    except OSError:  # a timeout or anything else is no proof that it is gone
+        return
 
 
 def unused_loopback_port() -> int:

@@ -18,7 +18,7 @@ from ray_app.cli import run_cli
 from ray_app.config import load_config
 from ray_app.demos.clicks import MOVIELENS_OPTIONS, movielens_clicks
 from ray_app.demos.data import write_image_folders, write_text_demo
-from ray_app.runtime import unused_loopback_port
+from ray_app.runtime import forget_stale_cluster_address, unused_loopback_port
 from ray_app.serving.app import run_serve
 
 IMAGE_SHAPE_FLAGS = ["--image-size", "32", "--channels", "3"]
@@ -38,6 +38,7 @@ def metrics_port() -> int:
 @pytest.fixture(scope="session")
 def ray_session(metrics_port):
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    forget_stale_cluster_address()  # as `ray-app` does before a local start (runtime.connect says why)
     ray.init(
         # A new instance of our own: never attach to a cluster that `ray start` (or a crashed run)
         # left behind, which ray.init() with no address would.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import subprocess
 import sys
 
@@ -14,6 +15,8 @@ from PIL import Image
 
 from ray_app.config import load_config
 from ray_app.engine.train import cpus_per_worker
+from ray_app.local_cluster import stop_local_cluster
+from ray_app.runtime import forget_stale_cluster_address, unused_loopback_port
 from ray_app.serving.app import ServeSettings
 from ray_app.workloads import names
 from ray_app.workloads.base import BadInput, assign_split
@@ -139,3 +142,37 @@ def test_calibration_error_weights_each_bucket_by_its_rows():
     one_off[-40:] = 0.5
     buckets = calibration(labels, one_off)
     assert abs(calibration_error(buckets) - 40 * 0.5 / 400) < 1e-12 and max(abs(b["predicted"] - b["observed"]) for b in buckets) == 0.5
+
+
+def test_stopping_a_cluster_forgets_its_address_as_ray_stop_does(tmp_path):
+    """Ray writes the last started cluster's address to ``<temp dir>/ray_current_cluster``, and
+    calls with no address read it, Ray Train's placement group cleaner among them. Left naming a
+    stopped cluster, a later local session's cleaners waited on a dead GCS, never freed a Tune
+    trial's CPUs, and the sweep hung. Another cluster's address is left alone."""
+    address_file = tmp_path / "ray_current_cluster"
+    address_file.write_text("192.0.2.2:6553")
+    stop_local_cluster("192.0.2.2:6554", ray_temp_dir=str(tmp_path))  # nothing of it runs: no-op
+    assert address_file.read_text() == "192.0.2.2:6553"
+    stop_local_cluster("127.0.0.1:6553", ray_temp_dir=str(tmp_path))  # the same port on this machine
+    assert not address_file.exists()
+
+
+def test_a_local_start_forgets_an_address_file_naming_a_dead_local_cluster(tmp_path):
+    """A cluster killed without ``ray stop`` leaves ``ray_current_cluster`` naming a dead GCS. A
+    local instance's workers read it (Ray Train's placement group cleaner did, crashed, and a
+    finished Tune trial kept its CPUs forever), so the local start removes it first. A live
+    cluster's address, or another machine's, is left alone."""
+    address_file = tmp_path / "ray_current_cluster"
+    with socket.socket() as live:
+        live.bind(("127.0.0.1", 0))
+        live.listen()
+        address_file.write_text(f"127.0.0.1:{live.getsockname()[1]}")
+        forget_stale_cluster_address(str(tmp_path))
+        assert address_file.exists()
+    address_file.write_text("203.0.113.9:6379")  # TEST-NET-3: not this machine
+    forget_stale_cluster_address(str(tmp_path))
+    assert address_file.exists()
+    address_file.write_text(f"127.0.0.1:{unused_loopback_port()}")
+    forget_stale_cluster_address(str(tmp_path))
+    assert not address_file.exists()
+    forget_stale_cluster_address(str(tmp_path))  # no file: nothing to do
