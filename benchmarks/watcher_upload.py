@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(json.dumps(result, indent=2))
     finally:
-        stop_local_cluster()
+        stop_local_cluster(cluster)
         shutil.rmtree(folder, ignore_errors=True)
     return 0
 
