@@ -6,6 +6,7 @@ the engine nor a workload, so both can import it without a cycle.
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import TYPE_CHECKING, Any
 
 import pyarrow.dataset as pads
@@ -63,12 +64,32 @@ def data_fingerprint(prepared_uri: str) -> str:
     return digest.hexdigest()
 
 
+# Ray's own switch between its two Parquet readers (``DataContext.use_datasource_v2``); when the
+# user sets it, theirs wins.
+PARQUET_READER_ENV = "RAY_DATA_USE_DATASOURCE_V2"
+
+
+def read_parquet(uri: str) -> ray.data.Dataset:
+    """``ray.data.read_parquet`` with the task-based (V1) reader unless ``RAY_DATA_USE_DATASOURCE_V2``
+    says otherwise. Ray 2.60's default (V2) lists every read through a new pool of 32 footer-reader
+    actors: 32 Python processes to start for a handful of files on a 2-core machine, on every
+    epoch's re-read too. V1 reads the footers in the driver (or in tasks on the workers already
+    running, for many files). Measured here: first batch of a warm read 1.0-1.3 s -> 0.1-0.2 s,
+    and 255 -> 168 worker processes started over the test suite (BENCHMARKS.md)."""
+    import ray.data
+
+    if PARQUET_READER_ENV not in os.environ:
+        # Per process, read at each read_parquet call: set where the read is made (a driver, a
+        # job, a Tune trial), as Ray reads it.
+        ray.data.DataContext.get_current().use_datasource_v2 = False
+    return ray.data.read_parquet(uri)
+
+
 def read_split(prepared_uri: str, split: str, columns: list[str]) -> ray.data.Dataset:
     """The good rows of one split as a Ray Dataset (Parquet column projection, filter on split)."""
-    import ray.data
     from ray.data.expressions import col
 
     # select_columns right after the read: Ray's optimizer pushes the projection into the Parquet
     # read (``columns=`` on read_parquet is deprecated in Ray 2.60).
-    rows = ray.data.read_parquet(ok_uri(prepared_uri)).select_columns([*columns, "split"])
+    rows = read_parquet(ok_uri(prepared_uri)).select_columns([*columns, "split"])
     return rows.filter(expr=col("split") == split).select_columns(columns)  # an expression, not a string: pushed down

@@ -176,3 +176,28 @@ def test_a_local_start_forgets_an_address_file_naming_a_dead_local_cluster(tmp_p
     forget_stale_cluster_address(str(tmp_path))
     assert not address_file.exists()
     forget_stale_cluster_address(str(tmp_path))  # no file: nothing to do
+
+
+def test_reading_prepared_data_starts_no_actor_pool_for_parquet_footers(ray_session, tmp_path):
+    """Ray 2.60 lists Parquet through a pool of 32 footer-reader actors per read by default: on a
+    small machine each is a new Python process, and training re-reads its splits every epoch.
+    Reading prepared data must use short tasks on the workers already running instead."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ray.util.state import list_actors
+
+    from ray_app.prepared import read_split
+    from ray_app.workloads.base import read_table
+
+    folder = tmp_path / "prepared" / "status=ok"
+    folder.mkdir(parents=True)
+    for part in range(3):
+        pq.write_table(
+            pa.table({"x": [part * 10 + i for i in range(10)], "split": ["train"] * 6 + ["test"] * 4}), folder / f"{part}.parquet"
+        )
+    assert sorted(row["x"] for row in read_split(str(tmp_path / "prepared"), "test", ["x"]).take_all()) == [
+        p * 10 + i for p in range(3) for i in range(6, 10)
+    ]
+    assert read_table(str(folder)).count() == 30
+    footer_readers = list_actors(filters=[("class_name", "=", "FooterReader")], limit=1000, raise_on_missing_output=False)
+    assert footer_readers == [], f"{len(footer_readers)} footer-reader actors for two small reads"

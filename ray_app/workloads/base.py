@@ -15,7 +15,7 @@ import pyarrow as pa
 from pydantic import BaseModel
 
 from ray_app import storage
-from ray_app.prepared import STATUS_OK, STATUS_REJECTED  # noqa: F401  (re-exported: workloads emit them)
+from ray_app.prepared import STATUS_OK, STATUS_REJECTED, read_parquet  # noqa: F401  (re-exported: workloads emit them)
 
 if TYPE_CHECKING:
     import ray.data
@@ -74,7 +74,7 @@ def read_table(uri: str) -> ray.data.Dataset:
     names = [info.path for info in storage.list_files(uri)]
     extensions = {os.path.splitext(n.removesuffix(".gz").removesuffix(".bz2"))[1].lower() for n in names}
     if extensions <= {".parquet"}:
-        return ray.data.read_parquet(uri)
+        return read_parquet(uri)
     if extensions <= {".csv"}:
         return ray.data.read_csv(uri)
     if extensions <= {".jsonl", ".json"}:
