@@ -38,6 +38,10 @@ def metrics_port() -> int:
 @pytest.fixture(scope="session")
 def ray_session(metrics_port):
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # Ray Train's preemption watcher (one more actor process per training run, polling the node's
+    # drain state) watches for nodes being taken away: one local node never is. The spot reclaim
+    # it exists for is tested on the live autoscaling cluster (test_live_cluster), where it is on.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     forget_stale_cluster_address()  # as `ray-app` does before a local start (runtime.connect says why)
     ray.init(
         # A new instance of our own: never attach to a cluster that `ray start` (or a crashed run)

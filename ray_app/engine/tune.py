@@ -122,6 +122,41 @@ def trial_scheduling(cluster_cpus: float, num_workers: int, requested: int | Non
     return concurrent, round(max(0.25, min(1.0, usable / (concurrent * num_workers))), 3)
 
 
+def worker_groups(bundle: dict[str, float], num_workers: int) -> set[str]:
+    """Placement groups (hex ids) alive now with the shape of a trial's Train worker group."""
+    from ray.util import placement_group_table
+
+    shape = {index: bundle for index in range(num_workers)}
+    return {pg_id for pg_id, pg in placement_group_table().items() if pg["state"] != "REMOVED" and pg["bundles"] == shape}
+
+
+def release_orphaned_worker_groups(before: set[str], bundle: dict[str, float], num_workers: int) -> list[str]:
+    """Remove the worker groups a sweep's Train runs left behind; returns their ids.
+
+    Ray Train hands a worker group's placement group to its cleaner only once the group has
+    started: a trial stopped in between (ASHA stops trials) leaves the group's CPUs reserved until
+    the driver exits, so in a notebook or any long-lived driver the next stage waits for CPUs.
+    Removed: groups of the trial worker shape that appeared since ``before`` (taken before the
+    sweep) and hold no live actor now that every trial is over. A group another run is using
+    always holds its live workers, so it stays."""
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+    from ray.util.state import list_actors
+
+    orphans = []
+    for pg_id in sorted(worker_groups(bundle, num_workers) - before):
+        try:
+            live = list_actors(filters=[("placement_group_id", "=", pg_id), ("state", "!=", "DEAD")], raise_on_missing_output=False)
+        except Exception as error:  # no State API (no dashboard): leave it, as Ray would
+            log.warning("tune: cannot tell whether placement group %s is still used (%s); left in place", pg_id, error)
+            continue
+        if not live:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
+            orphans.append(pg_id)
+    if orphans:
+        log.warning("tune: removed %d placement group(s) Ray Train left behind: %s", len(orphans), orphans)
+    return orphans
+
+
 def run_trial(params: dict[str, Any], base: dict[str, Any], settings: dict[str, Any], splits: dict[str, Any] | None) -> None:
     """One trial: the train stage's loop with the trial's values, as an ordinary run folder."""
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -205,7 +240,12 @@ def run_tune(config: AppConfig) -> dict[str, Any]:
             ),
             run_config=tune.RunConfig(name=sweep.name, storage_path=sweep_root, verbose=0),
         )
-    grid = tuner.fit()
+    worker_bundle = {"CPU": settings["cpus_per_worker"]}
+    groups_before = worker_groups(worker_bundle, t.num_workers)
+    try:
+        grid = tuner.fit()
+    finally:
+        release_orphaned_worker_groups(groups_before, worker_bundle, t.num_workers)
     trials = trial_rows(grid, sweep.name, sweep.epochs, sweep.metric)
     finished = [row for row in trials if row[f"last_{sweep.metric}"] is not None and row["checkpoint_path"]]
     if not finished:
