@@ -331,3 +331,26 @@ def test_one_pass_over_many_users_matches_each_event_computed_from_its_own_past(
         )
         assert list(row["bh_last_items"]) == [i for _, _, i in entries[: SPEC.last_n]], event.event_id
         assert row["bh_user_since_last_s"] == (event.timestamp - mine.timestamp.max() if len(mine) else NO_HISTORY_S)
+
+
+def test_predict_counts_a_click_log_without_computing_its_behaviour_features(ray_session, tmp_path):
+    """Batch predict counts its input before scoring (the row accounting, the pool size). Counting
+    the behaviour-featured rows ran the whole feature pipeline, two hash shuffles of the log, once
+    more only to count (2.7-4.5 s of a 12.6 s predict of 10,000 events): the log's own rows are the
+    same number, from Parquet footers or one read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from ray_app.workloads.ctr import CTRWorkload
+
+    pq.write_table(pa.table({"user": ["a"] * 7, "click": [0, 1] * 3 + [0]}), tmp_path / "log.parquet", row_group_size=3)
+    pd.DataFrame({"user": ["b", "c"], "click": [1, 0]}).to_csv(tmp_path / "log.csv", index=False)
+
+    def never(batch):
+        raise AssertionError("the featured rows were computed to count them")
+
+    featured = ray.data.range(9).map_batches(never)
+    workload = CTRWorkload()
+    assert workload.count_predict_inputs(featured, [str(tmp_path / "log.parquet")]) == 7
+    assert workload.count_predict_inputs(featured, [str(tmp_path / "log.parquet"), str(tmp_path / "log.csv")]) == 9

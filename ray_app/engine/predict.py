@@ -75,7 +75,7 @@ def run_predict(config: AppConfig) -> dict[str, Any]:
 
     parts = [workload.read_predict_inputs(uri, options, p.batch_size) for uri in inputs]
     items = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    rows_in = items.count()
+    rows_in = workload.count_predict_inputs(items, inputs)
     if rows_in == 0:
         raise ValueError(f"nothing to predict under {p.input or p.input_list}")
     # The old predictions are replaced only once the new ones are complete (a failed run keeps them).

@@ -140,6 +140,22 @@ def read_table_rows(uri: str) -> ray.data.Dataset:
     return arrow_blocks(pa.table(items), 1).map_batches(read_table_chunks, batch_size=1, batch_format="numpy")
 
 
+def count_table_rows(uri: str) -> int:
+    """Rows of a CSV, Parquet or JSON Lines input, as ``read_table_rows`` yields them: Parquet
+    from its footers alone, other formats by one read."""
+    import pyarrow.parquet as pq
+
+    uri = storage.normalize(uri)
+    files = [f"{uri.split('://', 1)[0]}://{info.path}" if storage.is_remote(uri) else info.path for info in storage.list_files(uri)]
+    if files and all(_table_format(f) == "parquet" for f in files):
+        total = 0
+        for file in files:
+            fs, path = storage.resolve(file)
+            total += pq.read_metadata(fs.open_input_file(path)).num_rows
+        return total
+    return read_table_rows(uri).count()
+
+
 def require_id_column(uri: str, dataset: ray.data.Dataset, id_column: str | None) -> None:
     """An id column that is asked for (at predict, or recorded at prepare) but missing is an
     error, not a silent fall-back to generated ids."""
@@ -298,6 +314,12 @@ class Workload(ABC):
     @abstractmethod
     def read_predict_inputs(self, input_uri: str, options: BaseModel, batch_size: int) -> ray.data.Dataset:
         """Work items for batch prediction (e.g. one row per file)."""
+
+    def count_predict_inputs(self, items: ray.data.Dataset, input_uris: list[str]) -> int:
+        """How many rows ``items`` (``read_predict_inputs`` of ``input_uris``) will score: predict's
+        row accounting and pool sizing. By default by running them; a workload whose work items
+        are costly to compute but keep the input's row count says so without computing them."""
+        return items.count()
 
     @abstractmethod
     def load_predict_batch(

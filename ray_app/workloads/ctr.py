@@ -33,6 +33,7 @@ from ray_app.workloads.base import (
     StateUnavailable,
     Workload,
     assign_split,
+    count_table_rows,
     read_table,
     read_table_rows,
     require_id_column,
@@ -531,6 +532,11 @@ class CTRWorkload(Workload):
             # A scored log carries its own history: each row's features from the rows before it.
             rows = add_behaviour_features(rows, behaviour)
         return rows
+
+    def count_predict_inputs(self, items: ray.data.Dataset, input_uris: list[str]) -> int:
+        # Behaviour features add columns, never rows: counting the log itself skips the two hash
+        # shuffles of computing them (predict then runs them once, while scoring).
+        return sum(count_table_rows(uri) for uri in input_uris)
 
     def load_predict_batch(self, batch, options: CTROptions, manifest):
         frame = pd.DataFrame({k: list(v) for k, v in batch.items()})
