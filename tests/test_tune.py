@@ -197,7 +197,7 @@ def test_a_sweep_gives_back_worker_groups_that_ray_train_left_behind(ray_session
     worker = Worker.options(scheduling_strategy=PlacementGroupSchedulingStrategy(in_use)).remote()
     assert ray.get(worker.ping.remote())
     try:
-        assert release_orphaned_worker_groups(before, bundle, 1) == [orphan.id.hex()]
+        assert release_orphaned_worker_groups(before, bundle, 1, wait_s=1) == [orphan.id.hex()]
         states = {pg_id: pg["state"] for pg_id, pg in placement_group_table().items()}
         assert states[orphan.id.hex()] == "REMOVED"
         assert {states[pg.id.hex()] for pg in (older, other_shape, in_use)} == {"CREATED"}

@@ -201,3 +201,25 @@ def test_reading_prepared_data_starts_no_actor_pool_for_parquet_footers(ray_sess
     assert read_table(str(folder)).count() == 30
     footer_readers = list_actors(filters=[("class_name", "=", "FooterReader")], limit=1000, raise_on_missing_output=False)
     assert footer_readers == [], f"{len(footer_readers)} footer-reader actors for two small reads"
+
+
+def test_a_shard_held_in_memory_is_fully_reshuffled_each_epoch_and_replayed_on_resume():
+    """Small splits are pulled into each training worker once and shuffled there per epoch (no
+    Ray Data pass per epoch): every row once per epoch, a new order each epoch, the same order
+    again for the same epoch (a resumed epoch skips exactly the batches it had trained)."""
+    from ray_app.engine.train import in_memory_batches
+
+    columns = {"label": np.arange(10) % 3, "row": np.arange(10)}
+
+    def collate(batch):  # the workload's collate sees numpy columns, as from Ray Data
+        return batch["row"].tolist(), batch["label"].tolist()
+
+    def epoch_rows(epoch: int, training: bool = True, rank: int = 0) -> list[list[int]]:
+        return [rows for rows, _ in in_memory_batches(columns, collate, 4, seed=7, epoch=epoch, training=training, rank=rank)]
+
+    first, second = epoch_rows(1), epoch_rows(2)
+    assert [len(b) for b in first] == [4, 4, 2]  # ceil(10 / 4) batches, as streaming gives
+    assert sorted(sum(first, [])) == list(range(10)) == sorted(sum(second, []))
+    assert first != second and first == epoch_rows(1)
+    assert epoch_rows(1, rank=1) != first
+    assert epoch_rows(1, training=False) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]  # validation in order

@@ -153,6 +153,39 @@ def training_batches(shard: Any, collate: WorkloadCollate, batch_size: int, seed
     )
 
 
+def streamed_and_kept(
+    shard: Any, collate: WorkloadCollate, batch_size: int, seed: int, epoch: int, training: bool, keep: dict[str, np.ndarray]
+):
+    """``training_batches`` of a shard's first epoch, streamed as usual (the first step waits for
+    one batch, not the whole shard), keeping its numpy rows: once the epoch is through, ``keep``
+    holds the whole shard for ``in_memory_batches``."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch in shard.iter_batches(
+        batch_size=batch_size,
+        batch_format="numpy",
+        local_shuffle_buffer_size=batch_size * SHUFFLE_BUFFER_BATCHES if training else None,
+        local_shuffle_seed=seed + epoch if training else None,
+        prefetch_batches=2,
+    ):
+        for column, values in batch.items():
+            parts.setdefault(column, []).append(values)
+        yield collate(batch)
+    keep.update({column: np.concatenate(values) for column, values in parts.items()})
+
+
+def in_memory_batches(
+    columns: dict[str, np.ndarray], collate: WorkloadCollate, batch_size: int, seed: int, epoch: int, training: bool, rank: int
+):
+    """Collated batches of one epoch from a shard held in memory: a full shuffle of the rank's rows
+    per training epoch (seeded by seed, epoch and rank: a resumed epoch sees the same order), the
+    same number of batches as streaming it would give."""
+    rows = len(next(iter(columns.values()))) if columns else 0
+    order = np.random.default_rng([seed, epoch, rank]).permutation(rows) if training else np.arange(rows)
+    for start in range(0, rows, batch_size):
+        index = order[start : start + batch_size]
+        yield collate({column: values[index] for column, values in columns.items()})
+
+
 def rng_state() -> dict[str, Any]:
     """Python, numpy and torch generator states, in types ``torch.load(weights_only=True)`` reads."""
     numpy_state = np.random.get_state()
@@ -218,6 +251,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             restore_rng_state(train_state["rng"])
     collate = WorkloadCollate(workload, options, manifest)
     every = cfg.get("checkpoint_every_steps") or 0
+    # Splits small enough to be read once (``splits_read_once``) are kept in each worker's memory
+    # as their first epoch streams through, then shuffled there per epoch, as a DataLoader over
+    # in-memory rows does: streaming them again every epoch cost the Arrow -> numpy pipeline and
+    # its prefetch thread on the cores training uses (BENCHMARKS.md, "Training overhead").
+    # Larger splits stream every epoch.
+    in_memory: dict[str, dict[str, np.ndarray]] | None = {} if cfg.get("shards_in_memory") else None
 
     def save_checkpoint(metrics: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as folder:
@@ -254,7 +293,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         training = split == "train"
         model.train(training)
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss·n, correct, n
-        batches = training_batches(ray.train.get_dataset_shard(split), collate, cfg["batch_size"], cfg["seed"], epoch, training)
+        if in_memory is None:
+            batches = training_batches(ray.train.get_dataset_shard(split), collate, cfg["batch_size"], cfg["seed"], epoch, training)
+        elif split in in_memory:
+            batches = in_memory_batches(in_memory[split], collate, cfg["batch_size"], cfg["seed"], epoch, training, rank)
+        else:
+            kept: dict[str, np.ndarray] = {}
+            batches = streamed_and_kept(ray.train.get_dataset_shard(split), collate, cfg["batch_size"], cfg["seed"], epoch, training, kept)
         # Mid-epoch resume: skip as many batches as the interrupted epoch had trained (counted in
         # rows, so a changed batch size or worker count skips the same share of the epoch).
         skip = state["rows_in_epoch"] // global_batch if training else 0
@@ -286,6 +331,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                     state["rows_in_epoch"] = (index + 1) * global_batch
                     if every and state["step"] % every == 0 and index + 1 < steps_per_epoch:
                         save_checkpoint({"epoch": epoch - 1, "step": state["step"], "partial_epoch": epoch})
+        if in_memory is not None and split not in in_memory:
+            in_memory[split] = kept  # the whole shard, now that its first epoch went through
         if training:
             state["rows_in_epoch"] = 0
         if dist.is_available() and dist.is_initialized():
@@ -475,7 +522,7 @@ def run_train(config: AppConfig) -> dict[str, Any]:
     poll_workers_often()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=build_train_loop_config(config, options, manifest, fingerprint),
+        train_loop_config={**build_train_loop_config(config, options, manifest, fingerprint), "shards_in_memory": splits is not None},
         scaling_config=ScalingConfig(**scaling_config_kwargs(t, ray.cluster_resources().get("CPU", 0))),
         run_config=RunConfig(
             name=t.run_name,

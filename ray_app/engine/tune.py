@@ -130,28 +130,41 @@ def worker_groups(bundle: dict[str, float], num_workers: int) -> set[str]:
     return {pg_id for pg_id, pg in placement_group_table().items() if pg["state"] != "REMOVED" and pg["bundles"] == shape}
 
 
-def release_orphaned_worker_groups(before: set[str], bundle: dict[str, float], num_workers: int) -> list[str]:
+# How long after a sweep its stopped trials' workers may take to die (their owners are gone; Ray
+# kills them asynchronously) before a group they still sit in is left alone.
+ORPHAN_WAIT_S = 15.0
+
+
+def release_orphaned_worker_groups(
+    before: set[str], bundle: dict[str, float], num_workers: int, wait_s: float = ORPHAN_WAIT_S
+) -> list[str]:
     """Remove the worker groups a sweep's Train runs left behind; returns their ids.
 
     Ray Train hands a worker group's placement group to its cleaner only once the group has
     started: a trial stopped in between (ASHA stops trials) leaves the group's CPUs reserved until
     the driver exits, so in a notebook or any long-lived driver the next stage waits for CPUs.
     Removed: groups of the trial worker shape that appeared since ``before`` (taken before the
-    sweep) and hold no live actor now that every trial is over. A group another run is using
-    always holds its live workers, so it stays."""
+    sweep) and hold no live actor. A stopped trial's workers die shortly after ``fit`` returns, so
+    groups that still hold live actors are looked at again for up to ``wait_s``; a group another
+    run is using keeps its live workers, so it stays."""
     from ray.util.placement_group import PlacementGroup, remove_placement_group
     from ray.util.state import list_actors
 
-    orphans = []
-    for pg_id in sorted(worker_groups(bundle, num_workers) - before):
-        try:
-            live = list_actors(filters=[("placement_group_id", "=", pg_id), ("state", "!=", "DEAD")], raise_on_missing_output=False)
-        except Exception as error:  # no State API (no dashboard): leave it, as Ray would
-            log.warning("tune: cannot tell whether placement group %s is still used (%s); left in place", pg_id, error)
-            continue
-        if not live:
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
-            orphans.append(pg_id)
+    orphans: list[str] = []
+    deadline = time.monotonic() + wait_s
+    while pending := sorted(worker_groups(bundle, num_workers) - before - set(orphans)):
+        for pg_id in pending:
+            try:
+                live = list_actors(filters=[("placement_group_id", "=", pg_id), ("state", "!=", "DEAD")], raise_on_missing_output=False)
+            except Exception as error:  # no State API (no dashboard): leave it, as Ray would
+                log.warning("tune: cannot tell whether placement group %s is still used (%s); left in place", pg_id, error)
+                return orphans
+            if not live:
+                remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
+                orphans.append(pg_id)
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
     if orphans:
         log.warning("tune: removed %d placement group(s) Ray Train left behind: %s", len(orphans), orphans)
     return orphans
@@ -169,6 +182,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], settings: dict[str, 
             loop_config["options"][key] = value
     run_name = f"{settings['name']}-{tune.get_context().get_trial_id()}"
     loop_config["run_name"] = run_name
+    loop_config["shards_in_memory"] = splits is not None
     workload = get_workload(base["workload"])
     poll_workers_often()
     trainer = TorchTrainer(
