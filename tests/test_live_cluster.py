@@ -43,8 +43,10 @@ from ray_app.local_spot import reclaim_during_training, start_reclaimable_cluste
 pytestmark = pytest.mark.own_cluster
 
 IMAGES = 200
-EPOCHS = 3  # a checkpoint each; the reclaim lands once the first is registered, with epochs still to run
-# (at 2, training that reads its small splits once finished epoch 2 before the reclaim landed)
+# A checkpoint each; the reclaim lands once the first is registered, with epochs still to run. At
+# 2, training that reads its small splits once finished epoch 2 before the reclaim landed; at 3,
+# once epochs after the first ran from worker memory (engine/train.py), epochs 2 and 3 did.
+EPOCHS = 8
 JOB_TIMEOUT_S = 480  # ~1.5 min here; generous for a loaded 2-core machine
 SCALE_DOWN_TIMEOUT_S = 180  # idle_timeout_minutes is 0.2 (12 s); nodes go a few seconds after that
 
