@@ -223,7 +223,9 @@ def run_demo(images: int, epochs: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=400, help="MNIST digits to train on")
-    parser.add_argument("--epochs", type=int, default=4)
+    # Enough epochs left after the first checkpoint for the reclaim to land mid-run: epochs after
+    # the first run from worker memory in a second or two (at 4 it landed in the last one).
+    parser.add_argument("--epochs", type=int, default=8)
     args = parser.parse_args(argv)
     return run_demo(args.images, args.epochs)
 
