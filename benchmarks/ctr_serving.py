@@ -16,7 +16,11 @@ Each variant runs once per model runtime (``--runtimes``): ``torch`` (the safete
 replica footprint (import, load and first answer in a fresh process; peak RSS) is measured per
 runtime too (benchmarks/replica_footprint.py).
 
-Run: ``python benchmarks/ctr_serving.py [--rows 500000] [--seconds 10] [--variants haproxy] [--runtimes torch onnx]``.
+Workers start with ray_app.worker_start's GC hook, as ``ray-app`` starts Ray; ``--worker-hook off on``
+measures each run without it and then with it (runs named ``.../no-hook`` are the ones without).
+
+Run: ``python benchmarks/ctr_serving.py [--rows 500000] [--seconds 10] [--variants haproxy] [--runtimes torch onnx]
+[--worker-hook off on]``.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from ray_app.engine.train import run_train  # noqa: E402
 from ray_app.registry import resolve_model_uri  # noqa: E402
 from ray_app.runtime import SERVE_FAST_PATH_ENV, unused_loopback_port  # noqa: E402
 from ray_app.serving.app import run_serve  # noqa: E402
+from ray_app.worker_start import hook_env  # noqa: E402
 
 
 def wait_for_zero(timeout: float = 120) -> None:
@@ -98,6 +103,13 @@ def main() -> None:
         help="auto: wrk when installed (a C client leaves the CPU to the server)",
     )
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument(
+        "--worker-hook",
+        nargs="+",
+        choices=["on", "off"],
+        default=["on"],
+        help="workers start with ray_app.worker_start's GC hook (on: as `ray-app` starts Ray); 'off on' measures both",
+    )
     args = parser.parse_args()
     if args.load_generator == "auto":
         args.load_generator = "wrk" if have_wrk() else "python"
@@ -174,10 +186,13 @@ def main() -> None:
 
     ray.shutdown()
     results["serving"] = {}
-    runs = [f"{variant}/{runtime}" for variant in args.variants for runtime in args.runtimes]
+    # With both hook settings, each variant/runtime runs with one and then the other, so the pairs
+    # are measured minutes apart, not a whole benchmark apart.
+    hooks = {"on": "", "off": "/no-hook"}
+    runs = [f"{variant}/{runtime}{hooks[h]}" for variant in args.variants for runtime in args.runtimes for h in args.worker_hook]
     for run in runs:
-        variant, runtime = run.split("/")
-        env = VARIANTS[variant]
+        variant, runtime = run.split("/")[:2]
+        env = {**VARIANTS[variant], **({} if run.endswith("/no-hook") else hook_env())}
         os.environ.update(env)
         config.serve.runtime = runtime
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -219,7 +234,7 @@ def main() -> None:
         if variant != first:
             for a, b in zip(results["serving"][first]["latency"], measured, strict=True):
                 print(f"  c={a['concurrency']:3d}: {variant} / {first} = {b['req_per_s'] / a['req_per_s']:.2f}x req/s")
-        inprocess = results["inprocess_onnx_p50_ms" if variant.endswith("/onnx") else "inprocess_p50_ms"]
+        inprocess = results["inprocess_onnx_p50_ms" if variant.split("/")[1] == "onnx" else "inprocess_p50_ms"]
         print(f"  [{variant}] c=1 p50 over the in-process latency of its runtime: {measured[0]['p50_ms'] - inprocess:.1f} ms")
         cold = np.median(results["serving"][variant]["cold_start_s"]) / np.median(results["serving"][first]["cold_start_s"])
         print(f"  [{variant}] cold start median / {first}: {cold:.2f}x")

@@ -233,6 +233,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alternating DDP / Ray Train pairs; medians are compared")
     parser.add_argument("--materialized", action="store_true", help="also run Ray Train with the splits materialized first (experiment)")
     parser.add_argument("--output", default="benchmarks/results/train_vs_ddp.json")
+    parser.add_argument(
+        "--worker-hook",
+        choices=["on", "off"],
+        default="on",
+        help="Ray's workers start with ray_app.worker_start's GC hook (on: as `ray-app` starts Ray)",
+    )
     args = parser.parse_args(argv)
 
     import ray
@@ -242,12 +248,15 @@ def main(argv: list[str] | None = None) -> None:
     from ray_app.engine.prepare import run_prepare
     from ray_app.engine.train import warmup_cosine as engine_schedule
     from ray_app.runtime import quiet_data_progress
+    from ray_app.worker_start import install_for_local_start
 
     if [engine_schedule(100, 10)(s) for s in range(100)] != [warmup_cosine(100, 10)(s) for s in range(100)]:
         raise SystemExit("the DDP side's LR schedule differs from the engine's: update warmup_cosine here")
     work = tempfile.mkdtemp(prefix="train_vs_ddp-")
     data = os.path.join(work, "digits")
     write_image_folders(data, limit=args.images, broken=False)
+    if args.worker_hook == "on":
+        install_for_local_start()  # inherited by every Ray worker, as `ray-app` starts Ray
     started = time.perf_counter()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray_init_s = time.perf_counter() - started
@@ -284,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
         "batch_size_per_worker": BATCH_SIZE,
         "workers": 2,
         "ray_init_s": round(ray_init_s, 2),
+        "worker_hook": args.worker_hook,
         "ddp": ddp_runs,
         "ray_train": ray_runs,
         "ray_train_materialized": materialized_runs,

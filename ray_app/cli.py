@@ -141,6 +141,12 @@ def parse_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point (``ray-app``, ``python -m ray_app``)."""
+    from ray_app.worker_start import fewer_gc_pauses
+
+    # A stage's own process imports Ray, torch and more before it starts any work, like a worker
+    # (0.5 s of CPU less per command here); a command is short-lived, so the late collection of
+    # cyclic garbage costs nothing. Not in run_cli: callers in a process of their own keep theirs.
+    fewer_gc_pauses()
     run_cli(argv)
     return 0
 

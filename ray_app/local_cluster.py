@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from ray_app.runtime import unused_loopback_port
+from ray_app.worker_start import hook_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "cluster" / "local-autoscaling.yaml"
@@ -79,7 +80,8 @@ def start_head(port: int, *args: str, env: dict[str, str] | None = None, node_ip
     (dashboard on 127.0.0.1); returns once the dashboard answers. ``args`` go to ``ray start``."""
     from ray.util import get_node_ip_address
 
-    env = {**(os.environ if env is None else env), "RAY_AUTH_MODE": "token"}
+    # The workers' start-up hook (ray_app.worker_start) unless the environment names one already.
+    env = {**hook_env(), **(os.environ if env is None else env), "RAY_AUTH_MODE": "token"}
     dashboard_port = unused_loopback_port()
     command = [RAY, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
     command += [f"--ray-client-server-port={unused_loopback_port()}", f"--dashboard-agent-listen-port={unused_loopback_port()}"]

@@ -164,10 +164,10 @@ def reclaim_during_training(
         if client.get_job_status(job_id).is_terminal() or time.monotonic() > deadline:
             return {"job_id": job_id, "status": client.get_job_status(job_id), "reclaimed": None, "logs": client.get_job_logs(job_id)}
         time.sleep(0.2)
-    at_reclaim = checkpoints(run_uri)
+    at_reclaim, registered = checkpoints(run_uri), registered_checkpoint(run_uri)
     # This job's training workers only (actors of earlier runs may still be listed).
     victims = training_worker_nodes(cluster, job_id=client.get_job_info(job_id).job_id)
-    log(f"checkpoint {registered_checkpoint(run_uri)} registered; training workers on nodes {[v[-5:] for v in victims]}")
+    log(f"checkpoint {registered} registered; training workers on nodes {[v[-5:] for v in victims]}")
     reclaimed = victims[0] if victims else None
     if reclaimed:
         seconds = reclaim(reclaim_dir, reclaimed)
@@ -181,6 +181,8 @@ def reclaim_during_training(
         "status": status,
         "reclaimed": reclaimed,
         "checkpoints_at_reclaim": at_reclaim,
+        # The one Ray Train had registered then (later folders may be written but not yet registered).
+        "registered_at_reclaim": registered,
         "summary": summary,
         "logs": logs,
     }

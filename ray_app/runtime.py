@@ -26,7 +26,7 @@ SERVE_FAST_PATH_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_O
 def connect(address: str | None = None, verbose: bool = False) -> str | None:
     """Start or join Ray; returns the dashboard URL when there is one. Unless ``verbose``, Ray's
     own INFO/WARNING lines and the workers' output go to Ray's log files only (``ray_app.progress``)."""
-    from ray_app import progress
+    from ray_app import progress, worker_start
 
     if not ray.is_initialized():
         driver_log = None if verbose else progress.start_driver_log()
@@ -39,6 +39,7 @@ def connect(address: str | None = None, verbose: bool = False) -> str | None:
             ray.init(address=address)
         else:
             forget_stale_cluster_address()
+            worker_start.install_for_local_start()  # inherited by the raylet, so by every worker
             # A local instance: dashboard on loopback only; Ray's token auth stays at its default (on).
             ray.init(dashboard_host="127.0.0.1", include_dashboard=True)
         if driver_log is not None:

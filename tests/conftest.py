@@ -20,6 +20,7 @@ from ray_app.demos.clicks import MOVIELENS_OPTIONS, movielens_clicks
 from ray_app.demos.data import write_image_folders, write_text_demo
 from ray_app.runtime import forget_stale_cluster_address, unused_loopback_port
 from ray_app.serving.app import run_serve
+from ray_app.worker_start import install_for_local_start
 
 IMAGE_SHAPE_FLAGS = ["--image-size", "32", "--channels", "3"]
 IMAGES_PER_RUN = 600  # real digits: enough to learn well above chance in a few CPU epochs
@@ -43,6 +44,7 @@ def ray_session(metrics_port):
     # it exists for is tested on the live autoscaling cluster (test_live_cluster), where it is on.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     forget_stale_cluster_address()  # as `ray-app` does before a local start (runtime.connect says why)
+    install_for_local_start()  # the workers' GC hook, as runtime.connect installs it
     ray.init(
         # A new instance of our own: never attach to a cluster that `ray start` (or a crashed run)
         # left behind, which ray.init() with no address would.

@@ -530,6 +530,18 @@ def test_dockerfile_builds_on_ray_260_and_installs_the_project():
     assert head_image.startswith(f"{APP_IMAGE}:{base}@sha256:")
 
 
+def test_dockerfile_gives_every_worker_the_start_up_hook_once_the_project_is_installed():
+    """Nodes started from the image run ray_app.worker_start's hook in each worker, under the
+    variable Ray 2.60 reads it from (a rename in Ray fails here, not silently on a cluster)."""
+    from ray_app.worker_start import hook_env
+
+    steps = dockerfile_instructions()
+    envs = dict(value.split("=", 1) for op, value in steps if op == "ENV")
+    assert hook_env().items() <= envs.items(), envs
+    project = next(i for i, (op, value) in enumerate(steps) if op == "RUN" and re.search(r"pip install [^&]*\.(\s|$)", value))
+    assert steps.index(("ENV", "=".join(*hook_env().items()))) > project, "the hook's module must be installed first"
+
+
 def test_dockerfile_is_safe():
     steps = dockerfile_instructions()
     text = (CLUSTER / "Dockerfile").read_text()

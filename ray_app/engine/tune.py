@@ -264,7 +264,7 @@ def run_tune(config: AppConfig) -> dict[str, Any]:
     finished = [row for row in trials if row[f"last_{sweep.metric}"] is not None and row["checkpoint_path"]]
     if not finished:
         raise RuntimeError(f"tune: no trial finished: {[row['error'] for row in trials]}")
-    best = (max if sweep.mode == "max" else min)(finished, key=lambda row: row[f"last_{sweep.metric}"])
+    best = best_trial(finished, sweep.metric, sweep.mode)
     write_results(sweep_uri, trials, grid, sweep.metric)
     summary: dict[str, Any] = {
         "sweep": sweep.name,
@@ -294,6 +294,20 @@ def run_tune(config: AppConfig) -> dict[str, Any]:
         summary["registered"] = run_register(best_config)
     summary["seconds"] = round(time.perf_counter() - started, 2)
     return summary
+
+
+def best_trial(finished: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any]:
+    """The trial with the best last ``metric``; a tie (validation accuracy on a small split often
+    ties) goes to the lower last validation loss, then to the lower trial id. Never to the order the
+    results come in: a restored sweep lists its trials in another order than the run that made them,
+    and ``tune`` run again must name the same best trial (and register the same model)."""
+    sign = 1 if mode == "max" else -1
+
+    def loss(row: dict[str, Any]) -> float:
+        value = row.get("last_val_loss")
+        return math.inf if value is None or math.isnan(value) else value
+
+    return min(finished, key=lambda row: (-sign * row[f"last_{metric}"], loss(row), row["trial_id"]))
 
 
 def best_trial_config(config: AppConfig, best: dict[str, Any]) -> AppConfig:

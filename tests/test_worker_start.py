@@ -1,0 +1,48 @@
+"""Ray workers run ray_app.worker_start's hook before their first task (fewer GC passes while they
+import torch and the rest): tasks and actors alike, in the session's local instance, which
+conftest starts the way ``ray_app.runtime.connect`` does."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import ray
+
+from ray_app.worker_start import FIRST_GENERATION_THRESHOLD, hook_env
+
+
+def test_tasks_and_actors_start_with_the_hook(ray_session):
+    def gc_state() -> dict:  # nested: pickled by value (workers cannot import this test module)
+        import gc
+        import os
+
+        return {"threshold": gc.get_threshold()[0], "frozen": gc.get_freeze_count(), "pid": os.getpid()}
+
+    task = ray.get(ray.remote(num_cpus=0)(gc_state).remote())
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def state(self) -> dict:
+            return gc_state()
+
+    probe = Probe.remote()
+    try:
+        actor = ray.get(probe.state.remote())
+    finally:
+        ray.kill(probe)
+    for state in (task, actor):
+        assert state["pid"] != os.getpid()
+        assert state["threshold"] == FIRST_GENERATION_THRESHOLD, state
+        assert state["frozen"] > 10_000, state  # what Ray imported before the hook ran
+    # The driver keeps CPython's defaults: only worker processes run the hook.
+    assert gc.get_threshold()[0] != FIRST_GENERATION_THRESHOLD
+
+
+def test_a_local_start_keeps_a_hook_the_user_set(monkeypatch):
+    from ray_app.worker_start import install_for_local_start
+
+    (name,) = hook_env()
+    monkeypatch.setenv(name, "my_team.setup.hook")
+    install_for_local_start()
+    assert os.environ[name] == "my_team.setup.hook"
