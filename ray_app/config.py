@@ -108,6 +108,11 @@ class DeploymentScaling(_Section):
     max_queued_requests: int = Field(256, description="requests waiting for a replica beyond which new ones get 503 (-1: no limit)")
     num_cpus: float = Field(1, ge=0)
     num_gpus: float = Field(0, ge=0)
+    # Ray's default is 2 s, and a stopping replica sleeps one loop before its first check: every
+    # scale-down, redeploy, rollout and `serve delete` waited at least 2 s per replica, idle or not.
+    graceful_shutdown_wait_loop_s: float = Field(
+        0.5, gt=0, description="how often a stopping replica checks that its in-flight requests are done"
+    )
 
     def deployment_options(self) -> dict[str, Any]:
         return {
@@ -122,6 +127,7 @@ class DeploymentScaling(_Section):
             },
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
+            "graceful_shutdown_wait_loop_s": self.graceful_shutdown_wait_loop_s,
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
         }
 

@@ -107,3 +107,7 @@ def test_deployments_receive_the_resolved_settings_objects():
     assert model.max_ongoing_requests == served.max_ongoing_requests
     assert gateway.max_ongoing_requests == settings.gateway.max_ongoing_requests
     assert gateway._deployment_config.autoscaling_config.min_replicas == settings.gateway.min_replicas == 1
+    # A stopping replica checks for in-flight requests every 0.5 s, not Ray's 2 s: each scale-down,
+    # redeploy and delete waited at least one loop per replica.
+    for deployment in (model, gateway):
+        assert deployment._deployment_config.graceful_shutdown_wait_loop_s == 0.5
