@@ -207,7 +207,8 @@ def run_ray(config, run_name: str, work: str, materialize: bool = False) -> dict
             return dataset
 
         train_module.training_dataset = materialized
-    config = config.model_copy(update={"train": config.train.model_copy(update={"run_name": run_name})})
+    # The materialized experiment streams (its patched reader is what a streamed run reads with).
+    config = config.model_copy(update={"train": config.train.model_copy(update={"run_name": run_name, "stream_splits": materialize})})
     started = time.time()
     try:
         summary = train_module.run_train(config)

@@ -49,6 +49,9 @@ class TrainConfig(_Section):
         0, ge=0, description="also checkpoint every N training steps (0: only at epoch ends); a preempted worker then loses minutes"
     )
     fresh: bool = Field(False, description="start this run name from scratch; the old run is kept until the new one completes")
+    stream_splits: bool = Field(
+        False, description="stream the splits from Parquet every epoch, even when they are small enough to be held in memory once"
+    )
     seed: int = 0
 
 

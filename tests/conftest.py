@@ -168,8 +168,18 @@ def trained_workspace(ray_session, demo_images, tmp_path_factory, chain) -> dict
     whatever its rows: fewer epochs of smaller batches learn as much for less."""
     workspace = str(tmp_path_factory.mktemp("workspace"))
     prepared = run_cli(["image", "prepare", "--workspace", workspace, "--input", demo_images, *IMAGE_SHAPE_FLAGS])
+    before = training_data_actors()
     rest = chain("image", workspace, "chain", "--epochs", "3", "--batch-size", "8", num_workers=2)
-    return {"workspace": workspace, "prepared": prepared, **rest}
+    return {"workspace": workspace, "prepared": prepared, "training_data_actors": training_data_actors() - before, **rest}
+
+
+def training_data_actors() -> set[str]:
+    """The split coordinators (one actor, so one process, per split a run streams to several
+    ranks) registered so far, alive or dead. Ray Train 2.60 also starts a dataset manager for
+    every run, Datasets or none."""
+    from ray.util.state import list_actors
+
+    return {a.actor_id for a in list_actors(filters=[("class_name", "=", "SplitCoordinator")], limit=10_000, raise_on_missing_output=False)}
 
 
 @pytest.fixture(scope="session")

@@ -50,6 +50,14 @@ def test_training_learns_well_above_chance(trained_workspace):
     assert history[-1]["train_loss"] < history[0]["train_loss"]
 
 
+def test_small_splits_train_from_memory_without_split_coordinators(trained_workspace):
+    """The chain's splits (a few hundred images) are read once into the object store and each rank
+    takes its share there: the 2-worker run starts no split coordinator (an actor process per
+    split, started before the first step; two before this change). test_training_recovery streams
+    them instead."""
+    assert trained_workspace["training_data_actors"] == set()
+
+
 def test_registry_records_version_alias_and_metadata(trained_workspace):
     registry = ModelRegistry(os.path.join(trained_workspace["workspace"], "models"))
     version = trained_workspace["registered"]["version"]

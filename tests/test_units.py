@@ -203,9 +203,23 @@ def test_reading_prepared_data_starts_no_actor_pool_for_parquet_footers(ray_sess
     assert footer_readers == [], f"{len(footer_readers)} footer-reader actors for two small reads"
 
 
+def test_ranks_take_equal_disjoint_shares_of_a_split_held_in_memory():
+    """Every rank runs the same number of steps (DDP's collectives must line up): equal shares,
+    disjoint, the remainder left out as Ray Data's equal split leaves it."""
+    from ray_app.engine.train import rank_share
+
+    columns = {"row": np.arange(11), "pixels": np.arange(22).reshape(11, 2)}
+    shares = [rank_share(columns, rank, 3) for rank in range(3)]
+    assert [len(s["row"]) for s in shares] == [3, 3, 3]
+    assert sorted(np.concatenate([s["row"] for s in shares]).tolist()) == list(range(9))
+    assert all((s["pixels"][:, 0] == 2 * s["row"]).all() for s in shares)  # columns stay row-aligned
+    assert rank_share(columns, 0, 1)["row"].tolist() == list(range(11))  # one worker: the whole split
+    assert rank_share({}, 1, 2) == {}
+
+
 def test_a_shard_held_in_memory_is_fully_reshuffled_each_epoch_and_replayed_on_resume():
-    """Small splits are pulled into each training worker once and shuffled there per epoch (no
-    Ray Data pass per epoch): every row once per epoch, a new order each epoch, the same order
+    """Small splits are taken from the object store by each training worker once and shuffled
+    there per epoch (no Ray Data pass per epoch): every row once per epoch, a new order each epoch, the same order
     again for the same epoch (a resumed epoch skips exactly the batches it had trained)."""
     from ray_app.engine.train import in_memory_batches
 

@@ -108,26 +108,44 @@ def reads_once(prepared_bytes: int, object_store_bytes: float) -> bool:
     return prepared_bytes <= READ_ONCE_STORE_SHARE * object_store_bytes
 
 
-def splits_read_once(data_uri: str, workload: Workload, object_store_bytes: float) -> dict[str, ray.data.Dataset] | None:
-    """The train and val splits read once for every epoch (and every Tune trial), or None when they
-    are too large for that: then each epoch streams them from Parquet. Streaming a small split
-    costs more than its rows: every epoch re-lists and re-reads the files in new read tasks, which
-    run inside the Train controller's runtime environment and so need worker processes of their own."""
+def splits_read_once(data_uri: str, workload: Workload, object_store_bytes: float) -> dict[str, ray.ObjectRef] | None:
+    """The train and val splits read once for every epoch (and every Tune trial), as numpy columns
+    in the object store, or None when they are too large for that: then each epoch streams them
+    from Parquet. Each worker takes its share of the rows from the store itself (``rank_share``),
+    so a run of small splits has no Ray Data pipeline of its own: no dataset-manager and
+    split-coordinator actors (a process each, ~2.5 s before the first step here). Streaming a small
+    split every epoch also re-lists and re-reads its files in new read tasks."""
     prepared_bytes = sum(info.size for info in storage.list_files(ok_uri(data_uri)))
     if not reads_once(prepared_bytes, object_store_bytes):
         return None
-    return {split: read_split(data_uri, split, workload.training_columns).materialize() for split in ("train", "val")}
+    return {split: ray.put(numpy_columns(read_split(data_uri, split, workload.training_columns))) for split in ("train", "val")}
 
 
-def training_datasets(
-    splits: dict[str, ray.data.Dataset] | None, data_uri: str, workload: Workload, seed: int
-) -> dict[str, ray.data.Dataset]:
-    """What a run trains on: the splits read once, with the same per-epoch block order as
-    ``training_dataset`` gives, or the streamed splits themselves."""
-    if splits is None:
-        return {split: training_dataset(data_uri, split, workload, seed) for split in ("train", "val")}
-    train = splits["train"].randomize_block_order(seed=ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True))
-    return {"train": train, "val": splits["val"]}
+def numpy_columns(dataset: ray.data.Dataset) -> dict[str, np.ndarray]:
+    """A whole (small) dataset as one numpy array per column, in its stored (random) row order."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        for column, values in batch.items():
+            parts.setdefault(column, []).append(values)
+    return {column: np.concatenate(values) for column, values in parts.items()}
+
+
+def rank_share(columns: dict[str, np.ndarray], rank: int, world_size: int) -> dict[str, np.ndarray]:
+    """One rank's rows of a split held in memory: equal contiguous shares of the stored order
+    (prepare writes rows in a random order), the remainder of an uneven split left out as Ray
+    Data's equal split leaves it, so every rank runs the same number of steps and DDP's
+    collectives line up."""
+    rows = len(next(iter(columns.values()))) if columns else 0
+    share = rows // world_size
+    return {column: values[rank * share : (rank + 1) * share] for column, values in columns.items()}
+
+
+def training_datasets(splits: dict[str, ray.ObjectRef] | None, data_uri: str, workload: Workload, seed: int) -> dict[str, ray.data.Dataset]:
+    """The Ray Datasets a run streams: none when its splits are read once (the loop takes them from
+    ``splits_in_memory``), else the splits themselves."""
+    if splits is not None:
+        return {}
+    return {split: training_dataset(data_uri, split, workload, seed) for split in ("train", "val")}
 
 
 def training_data_config(num_workers: int) -> DataConfig:
@@ -151,26 +169,6 @@ def training_batches(shard: Any, collate: WorkloadCollate, batch_size: int, seed
         local_shuffle_seed=seed + epoch if training else None,
         prefetch_batches=2,
     )
-
-
-def streamed_and_kept(
-    shard: Any, collate: WorkloadCollate, batch_size: int, seed: int, epoch: int, training: bool, keep: dict[str, np.ndarray]
-):
-    """``training_batches`` of a shard's first epoch, streamed as usual (the first step waits for
-    one batch, not the whole shard), keeping its numpy rows: once the epoch is through, ``keep``
-    holds the whole shard for ``in_memory_batches``."""
-    parts: dict[str, list[np.ndarray]] = {}
-    for batch in shard.iter_batches(
-        batch_size=batch_size,
-        batch_format="numpy",
-        local_shuffle_buffer_size=batch_size * SHUFFLE_BUFFER_BATCHES if training else None,
-        local_shuffle_seed=seed + epoch if training else None,
-        prefetch_batches=2,
-    ):
-        for column, values in batch.items():
-            parts.setdefault(column, []).append(values)
-        yield collate(batch)
-    keep.update({column: np.concatenate(values) for column, values in parts.items()})
 
 
 def in_memory_batches(
@@ -251,12 +249,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             restore_rng_state(train_state["rng"])
     collate = WorkloadCollate(workload, options, manifest)
     every = cfg.get("checkpoint_every_steps") or 0
-    # Splits small enough to be read once (``splits_read_once``) are kept in each worker's memory
-    # as their first epoch streams through, then shuffled there per epoch, as a DataLoader over
-    # in-memory rows does: streaming them again every epoch cost the Arrow -> numpy pipeline and
-    # its prefetch thread on the cores training uses (BENCHMARKS.md, "Training overhead").
-    # Larger splits stream every epoch.
-    in_memory: dict[str, dict[str, np.ndarray]] | None = {} if cfg.get("shards_in_memory") else None
+    # Splits small enough to be read once (``splits_read_once``) come from the object store, this
+    # rank's share held in memory and shuffled there per epoch, as a DataLoader over in-memory rows
+    # does: streaming them every epoch cost the Arrow -> numpy pipeline and its prefetch thread on
+    # the cores training uses, and a Ray Data pipeline per run (BENCHMARKS.md, "Training
+    # overhead"). Larger splits stream every epoch.
+    refs = cfg.get("splits_in_memory")
+    in_memory = {split: rank_share(ray.get(ref), rank, world_size) for split, ref in refs.items()} if refs else None
 
     def save_checkpoint(metrics: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as folder:
@@ -295,11 +294,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss·n, correct, n
         if in_memory is None:
             batches = training_batches(ray.train.get_dataset_shard(split), collate, cfg["batch_size"], cfg["seed"], epoch, training)
-        elif split in in_memory:
-            batches = in_memory_batches(in_memory[split], collate, cfg["batch_size"], cfg["seed"], epoch, training, rank)
         else:
-            kept: dict[str, np.ndarray] = {}
-            batches = streamed_and_kept(ray.train.get_dataset_shard(split), collate, cfg["batch_size"], cfg["seed"], epoch, training, kept)
+            batches = in_memory_batches(in_memory[split], collate, cfg["batch_size"], cfg["seed"], epoch, training, rank)
         # Mid-epoch resume: skip as many batches as the interrupted epoch had trained (counted in
         # rows, so a changed batch size or worker count skips the same share of the epoch).
         skip = state["rows_in_epoch"] // global_batch if training else 0
@@ -331,8 +327,6 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                     state["rows_in_epoch"] = (index + 1) * global_batch
                     if every and state["step"] % every == 0 and index + 1 < steps_per_epoch:
                         save_checkpoint({"epoch": epoch - 1, "step": state["step"], "partial_epoch": epoch})
-        if in_memory is not None and split not in in_memory:
-            in_memory[split] = kept  # the whole shard, now that its first epoch went through
         if training:
             state["rows_in_epoch"] = 0
         if dist.is_available() and dist.is_initialized():
@@ -518,11 +512,11 @@ def run_train(config: AppConfig) -> dict[str, Any]:
             log.info("train: run %r already completed %d epochs (asked %d); nothing to train", t.run_name, training["epoch"], t.epochs)
             return _finish(config, checkpoint_uri, started, already_complete=True, trained=False)
         log.info("train: resuming run %r after epoch %d (%s)", t.run_name, training["epoch"], checkpoint_uri)
-    splits = splits_read_once(data_uri, workload, ray.cluster_resources().get("object_store_memory", 0))
+    splits = None if t.stream_splits else splits_read_once(data_uri, workload, ray.cluster_resources().get("object_store_memory", 0))
     poll_workers_often()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={**build_train_loop_config(config, options, manifest, fingerprint), "shards_in_memory": splits is not None},
+        train_loop_config={**build_train_loop_config(config, options, manifest, fingerprint), "splits_in_memory": splits},
         scaling_config=ScalingConfig(**scaling_config_kwargs(t, ray.cluster_resources().get("CPU", 0))),
         run_config=RunConfig(
             name=t.run_name,

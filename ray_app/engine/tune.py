@@ -182,7 +182,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], settings: dict[str, 
             loop_config["options"][key] = value
     run_name = f"{settings['name']}-{tune.get_context().get_trial_id()}"
     loop_config["run_name"] = run_name
-    loop_config["shards_in_memory"] = splits is not None
+    loop_config["splits_in_memory"] = splits
     workload = get_workload(base["workload"])
     poll_workers_often()
     trainer = TorchTrainer(
@@ -223,7 +223,8 @@ def run_tune(config: AppConfig) -> dict[str, Any]:
         "data_uri": data_uri,
         "max_failures": t.max_failures,
     }
-    splits = splits_read_once(data_uri, workload, ray.cluster_resources().get("object_store_memory", 0))
+    object_store = ray.cluster_resources().get("object_store_memory", 0)
+    splits = None if config.train.stream_splits else splits_read_once(data_uri, workload, object_store)
     settings["read_once"] = splits is not None
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base, settings=settings, splits=splits), {"CPU": TRIAL_DRIVER_CPU})
     sweep_root = storage.join(config.runs_uri(), "tune")
