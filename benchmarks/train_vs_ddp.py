@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         "--worker-hook",
         choices=["on", "off"],
         default="on",
-        help="Ray's workers start with ray_app.worker_start's GC hook (on: as `ray-app` starts Ray)",
+        help="start Ray as `ray-app` starts a local instance (workers' GC hook, no preemption watcher); off: Ray's defaults",
     )
     args = parser.parse_args(argv)
 
@@ -248,8 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     from ray_app.demos.data import write_image_folders
     from ray_app.engine.prepare import run_prepare
     from ray_app.engine.train import warmup_cosine as engine_schedule
-    from ray_app.runtime import quiet_data_progress
-    from ray_app.worker_start import install_for_local_start
+    from ray_app.runtime import prepare_local_start, quiet_data_progress
 
     if [engine_schedule(100, 10)(s) for s in range(100)] != [warmup_cosine(100, 10)(s) for s in range(100)]:
         raise SystemExit("the DDP side's LR schedule differs from the engine's: update warmup_cosine here")
@@ -257,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     data = os.path.join(work, "digits")
     write_image_folders(data, limit=args.images, broken=False)
     if args.worker_hook == "on":
-        install_for_local_start()  # inherited by every Ray worker, as `ray-app` starts Ray
+        prepare_local_start()  # as `ray-app` starts a local Ray: the workers' GC hook, no preemption watcher
     started = time.perf_counter()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray_init_s = time.perf_counter() - started

@@ -23,10 +23,27 @@ log = logging.getLogger(__name__)
 SERVE_FAST_PATH_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
+# A local instance is this one machine: no provider reclaims it, so Ray Train's preemption watcher
+# (one more actor process per training run, polling the node's drain state) has nothing to watch.
+# Ray Train reads it in the driver and hands it to its controller; clusters keep the watcher.
+LOCAL_INSTANCE_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def prepare_local_start() -> None:
+    """The environment of a Ray instance this process is about to start on this machine (its raylet,
+    and so every worker, inherits it): the workers' GC hook (``ray_app.worker_start``) and no
+    preemption watcher. Values the user set are kept."""
+    from ray_app import worker_start
+
+    worker_start.install_for_local_start()
+    for name, value in LOCAL_INSTANCE_ENV.items():
+        os.environ.setdefault(name, value)
+
+
 def connect(address: str | None = None, verbose: bool = False) -> str | None:
     """Start or join Ray; returns the dashboard URL when there is one. Unless ``verbose``, Ray's
     own INFO/WARNING lines and the workers' output go to Ray's log files only (``ray_app.progress``)."""
-    from ray_app import progress, worker_start
+    from ray_app import progress
 
     if not ray.is_initialized():
         driver_log = None if verbose else progress.start_driver_log()
@@ -39,7 +56,7 @@ def connect(address: str | None = None, verbose: bool = False) -> str | None:
             ray.init(address=address)
         else:
             forget_stale_cluster_address()
-            worker_start.install_for_local_start()  # inherited by the raylet, so by every worker
+            prepare_local_start()
             # A local instance: dashboard on loopback only; Ray's token auth stays at its default (on).
             ray.init(dashboard_host="127.0.0.1", include_dashboard=True)
         if driver_log is not None:

@@ -18,9 +18,8 @@ from ray_app.cli import run_cli
 from ray_app.config import load_config
 from ray_app.demos.clicks import MOVIELENS_OPTIONS, movielens_clicks
 from ray_app.demos.data import write_image_folders, write_text_demo
-from ray_app.runtime import forget_stale_cluster_address, unused_loopback_port
+from ray_app.runtime import forget_stale_cluster_address, prepare_local_start, unused_loopback_port
 from ray_app.serving.app import run_serve
-from ray_app.worker_start import install_for_local_start
 
 IMAGE_SHAPE_FLAGS = ["--image-size", "32", "--channels", "3"]
 IMAGES_PER_RUN = 600  # real digits: enough to learn well above chance in a few CPU epochs
@@ -39,12 +38,11 @@ def metrics_port() -> int:
 @pytest.fixture(scope="session")
 def ray_session(metrics_port):
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    # Ray Train's preemption watcher (one more actor process per training run, polling the node's
-    # drain state) watches for nodes being taken away: one local node never is. The spot reclaim
-    # it exists for is tested on the live autoscaling cluster (test_live_cluster), where it is on.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    forget_stale_cluster_address()  # as `ray-app` does before a local start (runtime.connect says why)
-    install_for_local_start()  # the workers' GC hook, as runtime.connect installs it
+    # As `ray-app` starts a local instance (runtime.connect): no stale address, the workers' GC hook,
+    # no preemption watcher (the spot reclaim it exists for is tested on the live autoscaling
+    # cluster, test_live_cluster, where it is on).
+    forget_stale_cluster_address()
+    prepare_local_start()
     ray.init(
         # A new instance of our own: never attach to a cluster that `ray start` (or a crashed run)
         # left behind, which ray.init() with no address would.

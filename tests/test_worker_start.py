@@ -46,3 +46,17 @@ def test_a_local_start_keeps_a_hook_the_user_set(monkeypatch):
     monkeypatch.setenv(name, "my_team.setup.hook")
     install_for_local_start()
     assert os.environ[name] == "my_team.setup.hook"
+
+
+def test_a_local_instance_runs_training_without_a_preemption_watcher(monkeypatch):
+    """One machine is never reclaimed: a local start turns Ray Train's watcher (an actor process per
+    run) off, unless the user asked for it; clusters (no local start) keep Ray's default."""
+    from ray_app.runtime import LOCAL_INSTANCE_ENV, prepare_local_start
+
+    (name,) = LOCAL_INSTANCE_ENV
+    monkeypatch.delenv(name, raising=False)
+    prepare_local_start()
+    assert os.environ[name] == "0"
+    monkeypatch.setenv(name, "1")
+    prepare_local_start()
+    assert os.environ[name] == "1"
