@@ -26,7 +26,7 @@ import ray
 import requests
 from ray import serve
 
-from ray_app.runtime import SERVE_FAST_PATH_ENV, unused_loopback_port
+from ray_app.runtime import SERVE_FAST_PATH_ENV, unused_loopback_port, unused_port_for_a_later_listener
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.1})
@@ -119,7 +119,10 @@ def run_once(env: dict[str, str], shutdown_serve: bool) -> dict:
 def main() -> None:
     argparse.ArgumentParser(description=__doc__).parse_args()  # no options; --help says what it checks
     results = {}
-    ports = {"RAY_SERVE_HAPROXY_STATS_PORT": str(unused_loopback_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(unused_loopback_port())}
+    ports = {
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(unused_port_for_a_later_listener()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(unused_port_for_a_later_listener()),
+    }
     results["ray_defaults"] = run_once({**SERVE_FAST_PATH_ENV, **ports}, shutdown_serve=True)
     private = tempfile.mkdtemp(prefix="ray_app_haproxy_")  # mkdtemp: 0700, owned by this user
     moved = {

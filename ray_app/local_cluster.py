@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from ray_app.runtime import unused_loopback_port
+from ray_app.runtime import unused_port_for_a_later_listener
 from ray_app.worker_start import hook_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -82,9 +82,13 @@ def start_head(port: int, *args: str, env: dict[str, str] | None = None, node_ip
 
     # The workers' start-up hook (ray_app.worker_start) unless the environment names one already.
     env = {**hook_env(), **(os.environ if env is None else env), "RAY_AUTH_MODE": "token"}
-    dashboard_port = unused_loopback_port()
+    # Bound seconds later, while the head's own processes take ephemeral ports: none from that range.
+    dashboard_port = unused_port_for_a_later_listener()
     command = [RAY, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
-    command += [f"--ray-client-server-port={unused_loopback_port()}", f"--dashboard-agent-listen-port={unused_loopback_port()}"]
+    command += [
+        f"--ray-client-server-port={unused_port_for_a_later_listener()}",
+        f"--dashboard-agent-listen-port={unused_port_for_a_later_listener()}",
+    ]
     command += [*([f"--node-ip-address={node_ip}"] if node_ip else []), *args, "--disable-usage-stats"]
     started = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=180)
     if started.returncode != 0:
@@ -106,7 +110,7 @@ def start_local_cluster(config: str | Path = DEFAULT_CONFIG, workdir: str | None
     when absent), so a copy of the config names the port picked here."""
     from ray.util import get_node_ip_address
 
-    port = unused_loopback_port()
+    port = unused_port_for_a_later_listener()
     cluster_config = yaml.safe_load(Path(config).read_text())
     cluster_config["provider"]["gcs_address"] = f"{get_node_ip_address()}:{port}"
     workdir = workdir or tempfile.mkdtemp(prefix="ray-app-cluster-")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import socket
 
 import ray
@@ -126,3 +127,38 @@ def unused_loopback_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+# Ray's workers listen on 10002-19999 by default (``ray start --min-worker-port/--max-worker-port``).
+LATER_LISTENER_PORTS_FROM = 20000
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The ports the kernel hands out to sockets bound to port 0 and to outgoing connections."""
+    try:
+        low, high = (int(n) for n in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def unused_port_for_a_later_listener(host: str = "0.0.0.0") -> int:
+    """A free port for a listener that binds long after it is picked, such as HAProxy's stats and
+    metrics listeners, which bind when Serve first starts, minutes after ``ray start`` read them.
+    ``unused_loopback_port`` draws from the kernel's ephemeral range, which the kernel hands to
+    every outgoing connection and port-0 listener in between: a test run lost its HAProxy that way
+    ("cannot bind socket (Address already in use)"). This picks between Ray's worker ports and the
+    ephemeral range, where only an explicit bind can take it."""
+    low, high = LATER_LISTENER_PORTS_FROM, ephemeral_port_range()[0] - 1
+    if high < low:  # a machine whose ephemeral range starts low: no such gap to pick from
+        return unused_loopback_port()
+    pick = random.SystemRandom()
+    for _ in range(200):
+        port = pick.randint(low, high)
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            return port
+    return unused_loopback_port()

@@ -18,7 +18,7 @@ from ray_app.cli import run_cli
 from ray_app.config import load_config
 from ray_app.demos.clicks import MOVIELENS_OPTIONS, movielens_clicks
 from ray_app.demos.data import write_image_folders, write_text_demo
-from ray_app.runtime import forget_stale_cluster_address, prepare_local_start, unused_loopback_port
+from ray_app.runtime import forget_stale_cluster_address, prepare_local_start, unused_loopback_port, unused_port_for_a_later_listener
 from ray_app.serving.app import run_serve
 
 IMAGE_SHAPE_FLAGS = ["--image-size", "32", "--channels", "3"]
@@ -139,7 +139,8 @@ class SessionServe:
 
 @pytest.fixture(scope="session")
 def session_serve(ray_session):
-    yield SessionServe(unused_loopback_port())
+    # Bound again after every module that restarted Serve (TLS, its own port): not an ephemeral port.
+    yield SessionServe(unused_port_for_a_later_listener())
     serve.shutdown()
 
 

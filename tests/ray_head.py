@@ -23,7 +23,7 @@ import pytest
 
 from ray_app.local_cluster import start_head as start_ray_head
 from ray_app.local_cluster import stop_local_cluster as stop_head
-from ray_app.runtime import SERVE_FAST_PATH_ENV, unused_loopback_port
+from ray_app.runtime import SERVE_FAST_PATH_ENV, unused_port_for_a_later_listener
 
 
 def head_info(folder: Path, **env: str) -> dict:
@@ -37,7 +37,7 @@ def head_info(folder: Path, **env: str) -> dict:
 
 
 def start_head(info: dict, num_cpus: int = 4) -> None:
-    cluster = start_ray_head(unused_loopback_port(), f"--num-cpus={num_cpus}", env=info["env"], node_ip="127.0.0.1")
+    cluster = start_ray_head(unused_port_for_a_later_listener(), f"--num-cpus={num_cpus}", env=info["env"], node_ip="127.0.0.1")
     info.update(address=cluster.gcs_address, dashboard=cluster.dashboard_url, client=cluster.job_client())
 
 
@@ -74,7 +74,10 @@ def shared_head(tmp_path_factory):
     """One token-auth head for the session's own-cluster tests, with 2 CPUs (this machine's) and
     Serve's fast path as cluster/serve/app.yaml asks for it."""
     # HAProxy's stats and Prometheus listeners default to fixed ports (8404, 9101): free ones here.
-    ports = {"RAY_SERVE_HAPROXY_STATS_PORT": str(unused_loopback_port()), "RAY_SERVE_HAPROXY_METRICS_PORT": str(unused_loopback_port())}
+    ports = {
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(unused_port_for_a_later_listener()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(unused_port_for_a_later_listener()),
+    }
     # On the fast path every Serve shutdown (each notebook's, serve deploy's) drains the proxy and
     # the ingress replicas for at least 30 s, time for an external load balancer to deregister them;
     # here no load balancer exists, so 1 s.

@@ -237,3 +237,20 @@ def test_a_shard_held_in_memory_is_fully_reshuffled_each_epoch_and_replayed_on_r
     assert first != second and first == epoch_rows(1)
     assert epoch_rows(1, rank=1) != first
     assert epoch_rows(1, training=False) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]  # validation in order
+
+
+def test_a_port_for_a_later_listener_is_free_and_never_one_the_kernel_hands_out():
+    """HAProxy's stats port, picked when the shared head started, was taken by the time Serve
+    started HAProxy minutes later ("cannot bind socket (Address already in use)"): it came from
+    the kernel's ephemeral range, which every outgoing connection draws from. Later listeners get
+    ports between Ray's worker ports and that range."""
+    import socket
+
+    from ray_app.runtime import LATER_LISTENER_PORTS_FROM, ephemeral_port_range, unused_port_for_a_later_listener
+
+    low, _ = ephemeral_port_range()
+    ports = [unused_port_for_a_later_listener() for _ in range(20)]
+    assert all(LATER_LISTENER_PORTS_FROM <= port < low for port in ports), ports
+    assert len(set(ports)) > 1  # random, so two processes rarely pick the same one
+    with socket.socket() as listener:
+        listener.bind(("0.0.0.0", ports[0]))  # free on every interface, as HAProxy binds it
