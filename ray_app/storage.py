@@ -250,7 +250,7 @@ def _retire_local(final: str, version: str) -> None:
     reader finds the whole folder under its name or nothing, and one that had already listed it
     fails to open its files and reads again. Deleted in place, a reader that resolved the output
     just before two quick flips could list the folder half-deleted and read a torn output without
-    any error (seen once with three concurrent writers: 20 of 30 rows)."""
+    any error (seen once in a fresh-clone CI: three concurrent writers, a read of other than 30 rows)."""
     parent, name = os.path.split(final)
     gone = os.path.join(parent, f".{name}.gone-{uuid.uuid4().hex[:12]}")
     try:
