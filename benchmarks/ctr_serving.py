@@ -18,9 +18,11 @@ runtime too (benchmarks/replica_footprint.py).
 
 Workers start with ray_app.worker_start's GC hook, as ``ray-app`` starts Ray; ``--worker-hook off on``
 measures each run without it and then with it (runs named ``.../no-hook`` are the ones without).
+Likewise ``--spares off on``: the node keeps a spare worker with Serve imported for the replica
+(ray_app.warm_workers, as ``ray-app <workload> serve`` starts Ray); ``.../no-spare`` runs have none.
 
 Run: ``python benchmarks/ctr_serving.py [--rows 500000] [--seconds 10] [--variants haproxy] [--runtimes torch onnx]
-[--worker-hook off on]``.
+[--worker-hook off on] [--spares off on]``.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from ray_app.engine.train import run_train  # noqa: E402
 from ray_app.registry import resolve_model_uri  # noqa: E402
 from ray_app.runtime import SERVE_FAST_PATH_ENV, unused_loopback_port  # noqa: E402
 from ray_app.serving.app import run_serve  # noqa: E402
+from ray_app.warm_workers import serving_env  # noqa: E402
 from ray_app.worker_start import hook_env  # noqa: E402
 
 
@@ -103,6 +106,13 @@ def main() -> None:
         help="auto: wrk when installed (a C client leaves the CPU to the server)",
     )
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument(
+        "--spares",
+        nargs="+",
+        choices=["on", "off"],
+        default=["on"],
+        help="a spare worker with Serve imported waits for the replica (ray_app.warm_workers; on: as `ray-app serve` starts Ray); 'off on' measures both",
+    )
     parser.add_argument(
         "--worker-hook",
         nargs="+",
@@ -189,10 +199,17 @@ def main() -> None:
     # With both hook settings, each variant/runtime runs with one and then the other, so the pairs
     # are measured minutes apart, not a whole benchmark apart.
     hooks = {"on": "", "off": "/no-hook"}
-    runs = [f"{variant}/{runtime}{hooks[h]}" for variant in args.variants for runtime in args.runtimes for h in args.worker_hook]
+    spares = {"on": "", "off": "/no-spare"}
+    runs = [
+        f"{variant}/{runtime}{hooks[h]}{spares[w]}"
+        for variant in args.variants
+        for runtime in args.runtimes
+        for h in args.worker_hook
+        for w in args.spares
+    ]
     for run in runs:
         variant, runtime = run.split("/")[:2]
-        env = {**VARIANTS[variant], **({} if run.endswith("/no-hook") else hook_env())}
+        env = {**VARIANTS[variant], **({} if "/no-hook" in run else hook_env()), **({} if "/no-spare" in run else serving_env())}
         os.environ.update(env)
         config.serve.runtime = runtime
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -170,7 +170,9 @@ def run_cli(argv: list[str] | None = None) -> dict[str, Any]:
 
     from ray_app.runtime import connect
 
-    dashboard = connect(config.address, verbose=args.verbose) if args.stage not in REGISTRY_ONLY_STAGES else None
+    dashboard = (
+        connect(config.address, verbose=args.verbose, serving=args.stage == "serve") if args.stage not in REGISTRY_ONLY_STAGES else None
+    )
     started = time.perf_counter()
     from ray_app import progress
     from ray_app.registry_store import RegistryError

@@ -30,20 +30,22 @@ SERVE_FAST_PATH_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_O
 LOCAL_INSTANCE_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
-def prepare_local_start() -> None:
+def prepare_local_start(serving: bool = False) -> None:
     """The environment of a Ray instance this process is about to start on this machine (its raylet,
     and so every worker, inherits it): the workers' GC hook (``ray_app.worker_start``) and no
-    preemption watcher. Values the user set are kept."""
-    from ray_app import worker_start
+    preemption watcher; when it will serve, pool workers that are spares for Serve replicas
+    (``ray_app.warm_workers``). Values the user set are kept."""
+    from ray_app import warm_workers, worker_start
 
     worker_start.install_for_local_start()
-    for name, value in LOCAL_INSTANCE_ENV.items():
+    for name, value in {**LOCAL_INSTANCE_ENV, **(warm_workers.serving_env() if serving else {})}.items():
         os.environ.setdefault(name, value)
 
 
-def connect(address: str | None = None, verbose: bool = False) -> str | None:
+def connect(address: str | None = None, verbose: bool = False, serving: bool = False) -> str | None:
     """Start or join Ray; returns the dashboard URL when there is one. Unless ``verbose``, Ray's
-    own INFO/WARNING lines and the workers' output go to Ray's log files only (``ray_app.progress``)."""
+    own INFO/WARNING lines and the workers' output go to Ray's log files only (``ray_app.progress``).
+    ``serving``: a local instance started here will serve (see ``prepare_local_start``)."""
     from ray_app import progress
 
     if not ray.is_initialized():
@@ -57,7 +59,7 @@ def connect(address: str | None = None, verbose: bool = False) -> str | None:
             ray.init(address=address)
         else:
             forget_stale_cluster_address()
-            prepare_local_start()
+            prepare_local_start(serving=serving)
             # A local instance: dashboard on loopback only; Ray's token auth stays at its default (on).
             ray.init(dashboard_host="127.0.0.1", include_dashboard=True)
         if driver_log is not None:

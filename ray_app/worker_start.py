@@ -40,9 +40,14 @@ SETUP_HOOK = f"{__name__}.fewer_gc_pauses"
 
 
 def fewer_gc_pauses() -> None:
-    gc.freeze()
     _, second, third = gc.get_threshold()
     gc.set_threshold(FIRST_GENERATION_THRESHOLD, second, third)
+    # A spare pool worker of a serving node imports a replica's modules now (ray_app.warm_workers),
+    # under the raised threshold, and they are frozen with the rest.
+    from ray_app.warm_workers import import_if_spare
+
+    import_if_spare()
+    gc.freeze()
 
 
 def hook_variable() -> str:

@@ -42,7 +42,7 @@ def ray_session(metrics_port):
     # no preemption watcher (the spot reclaim it exists for is tested on the live autoscaling
     # cluster, test_live_cluster, where it is on).
     forget_stale_cluster_address()
-    prepare_local_start()
+    prepare_local_start(serving=True)  # the session serves: spare workers for replicas (ray_app.warm_workers)
     ray.init(
         # A new instance of our own: never attach to a cluster that `ray start` (or a crashed run)
         # left behind, which ray.init() with no address would.

@@ -13,10 +13,12 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import ray
 import requests
 from conftest import ROWS
 from ray import serve
 
+from ray_app import warm_workers
 from ray_app.demos.clicks import CATEGORICAL, MOVIELENS_OPTIONS, NUMERIC, generate_block, generate_criteo
 from ray_app.workloads.ctr import CTRWorkload
 
@@ -111,12 +113,19 @@ def _wait_for_replicas(count: int, timeout: float = 90) -> bool:
 
 def test_endpoint_scales_from_zero_answers_and_returns_to_zero(ctr_endpoint, ctr_run):
     assert _wait_for_replicas(0), "no replica should run while idle"
+    # The session serves, so its node keeps a spare worker (ray_app.warm_workers): run_serve asked
+    # for one. The replica that wakes up must start on it, with Serve and our code imported.
+    raylet = warm_workers.local_raylet_pid(ray.get_runtime_context().get_node_id())
+    deadline = time.time() + 60
+    while not warm_workers.spares_of(raylet, started_only=True) and time.time() < deadline:
+        time.sleep(0.25)
     event = ctr_run["frame"].drop(columns=["click"]).iloc[10].to_dict()
     answer = requests.post(ctr_endpoint, json=event, timeout=120)
     assert answer.status_code == 200, answer.text
     (probability,) = answer.json()["click_probability"]
     assert 0 < probability < 1
     assert _running_replicas() >= 1
+    assert serve.get_deployment_handle("ctr-model", app_name="ctr").ready.remote().result()["warm_start"] is True
     assert _wait_for_replicas(0), "replicas should go back to zero after the idle delay"
 
 

@@ -22,7 +22,7 @@ from pydantic import Field
 from ray import serve
 from ray.serve import Application, Deployment
 
-from ray_app import storage
+from ray_app import storage, warm_workers
 from ray_app.config import AppConfig, DeploymentScaling, ServeConfig, serve_config
 from ray_app.serving.gateway import AppSettings, Gateway, GatewayConfig
 from ray_app.serving.loaders import ModelLoader, RegistryLoader
@@ -141,6 +141,10 @@ def run_serve(config: AppConfig) -> dict[str, Any]:
     start_http(s)
     route_prefix = s.route_prefix or f"/{config.workload}"
     serve.run(build_app(settings_from_config(config)), name=config.workload, route_prefix=route_prefix)
+    if s.min_replicas == 0:
+        # The model deployment starts at zero replicas: a spare worker on this node makes its first
+        # scale-up a warm start (ray_app.warm_workers; a no-op where spares are not set up).
+        warm_workers.keep_one_spare()
     endpoint = f"http://{s.host}:{s.port}{route_prefix}"
     summary = {"endpoint": f"{endpoint}/predict", "health": f"{endpoint}/healthz", "docs": f"{endpoint}/docs"}
     log.info("serve: %s", summary)

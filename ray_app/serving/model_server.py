@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from ray_app import warm_workers
 from ray_app.config import ServeConfig
 from ray_app.serving.loaders import ModelLoader, RegistryLoader, ServedModel
 from ray_app.serving.metrics import ModelMetrics
@@ -27,6 +28,9 @@ from ray_app.workloads.base import BadInput, StateUnavailable
 
 log = logging.getLogger("ray.serve")  # Serve's logger: lines land in the replica's log file
 DECODE_THREADS = 4
+# The request that woke this replica is answered first; then a spare worker replaces the one it used
+# (soon: a replica may live only a few seconds after a burst).
+SPARE_REQUEST_DELAY_S = 0.5
 
 
 def follows_alias(ref: str) -> bool:
@@ -51,6 +55,7 @@ class ModelServer:
         self.predict_batch.set_max_batch_size(self.settings.max_batch_size)
         self.predict_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
         self._alias_watch: asyncio.Task | None = None
+        self._spare_request: asyncio.Task | None = None
         # The reference to serve, set the moment a reconfigure (a pin) arrives; loads are
         # serialized by the lock, and a load whose reference is no longer wanted when it finishes
         # is dropped, so an alias poll in flight can never undo a pin that came after it.
@@ -90,6 +95,14 @@ class ModelServer:
             self.problem = None
         if self._alias_watch is None and self.settings.alias_poll_s > 0:
             self._alias_watch = asyncio.get_running_loop().create_task(self._follow_alias())
+        if self._spare_request is None:
+            self._spare_request = asyncio.get_running_loop().create_task(self._replace_spare())
+
+    async def _replace_spare(self) -> None:
+        """This replica may have started on the node's spare worker: ask for a new one, a little
+        later, so its start-up does not compete with the first requests (ray_app.warm_workers)."""
+        await asyncio.sleep(SPARE_REQUEST_DELAY_S)
+        await asyncio.to_thread(warm_workers.keep_one_spare)
 
     async def _follow_alias(self) -> None:
         while True:
@@ -120,6 +133,8 @@ class ModelServer:
             "stale": self.problem is not None,
             "problem": self.problem,
             "version": self.bundle.info.get("version") if loaded else None,
+            # Started on a spare worker that had imported Serve and this module (ray_app.warm_workers).
+            "warm_start": bool(warm_workers.imported_as_spare),
         }
 
     def describe(self) -> dict[str, Any]:
