@@ -116,6 +116,9 @@ class DeploymentScaling(_Section):
     graceful_shutdown_wait_loop_s: float = Field(
         0.5, gt=0, description="how often a stopping replica checks that its in-flight requests are done"
     )
+    # Serve sees a crashed replica (OOM kill, segfault) only on its next health check: at Ray's 10 s
+    # the deployment ran a replica short for up to 10 s before a replacement started.
+    health_check_period_s: float = Field(2.0, gt=0, description="how often the Serve controller checks each replica is alive")
 
     def deployment_options(self) -> dict[str, Any]:
         return {
@@ -131,6 +134,7 @@ class DeploymentScaling(_Section):
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
             "graceful_shutdown_wait_loop_s": self.graceful_shutdown_wait_loop_s,
+            "health_check_period_s": self.health_check_period_s,
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
         }
 

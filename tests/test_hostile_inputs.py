@@ -445,7 +445,18 @@ def _flaky_model():
     b"sleep<seconds>": the gateway's retry and health logic meets real replica deaths."""
     from ray import serve
 
-    @serve.deployment(name="image-model", num_replicas=3, max_ongoing_requests=4, ray_actor_options={"num_cpus": 0})
+    from ray_app.config import DeploymentScaling
+
+    # Checked for crashes as often as the model deployments are (their replacements start as soon).
+    health_check_period_s = DeploymentScaling().health_check_period_s
+
+    @serve.deployment(
+        name="image-model",
+        num_replicas=3,
+        max_ongoing_requests=4,
+        ray_actor_options={"num_cpus": 0},
+        health_check_period_s=health_check_period_s,
+    )
     class Flaky:
         def ready(self) -> dict:
             return {"loaded": True, "stale": False, "problem": None}

@@ -109,5 +109,8 @@ def test_deployments_receive_the_resolved_settings_objects():
     assert gateway._deployment_config.autoscaling_config.min_replicas == settings.gateway.min_replicas == 1
     # A stopping replica checks for in-flight requests every 0.5 s, not Ray's 2 s: each scale-down,
     # redeploy and delete waited at least one loop per replica.
+    # A crashed replica (OOM kill, segfault) is seen on the controller's next health check: every
+    # 2 s, not Ray's 10 s, so its replacement starts up to 8 s sooner.
     for deployment in (model, gateway):
         assert deployment._deployment_config.graceful_shutdown_wait_loop_s == 0.5
+        assert deployment._deployment_config.health_check_period_s == 2.0
