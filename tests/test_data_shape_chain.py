@@ -18,7 +18,7 @@ from PIL import Image
 from ray_app import storage
 from ray_app.cli import run_cli
 from ray_app.engine.train import WorkloadCollate, training_batches, training_dataset
-from ray_app.prepared import load_manifest
+from ray_app.prepared import load_manifest, read_split, split_columns
 from ray_app.workloads import get_workload
 
 # Neither is the default (28, 1); 32×32 RGB rows (3 KB) also make the prepared split span several
@@ -64,6 +64,22 @@ def test_training_batches_mix_classes_from_the_first_step(shaped):
     batches = training_batches(training_dataset(data, "train", workload, seed=0), collate, 64, seed=0, epoch=1, training=True)
     classes_per_batch = [len(set(targets.tolist())) for _, targets in itertools.islice(batches, 20)]
     assert len(classes_per_batch) == 20 and min(classes_per_batch) >= 8, classes_per_batch
+
+
+def test_a_split_read_into_memory_matches_what_ray_data_reads(shaped):
+    """Training holds small splits in memory, read without a Ray Data pipeline (split_columns):
+    every column, tensors included, must arrive as Ray Data's numpy batches give it."""
+    workload = get_workload("image")
+    data = shaped["prepared"]["output"]
+    for split in ("train", "val"):
+        direct = split_columns(data, split, workload.training_columns)
+        streamed = read_split(data, split, workload.training_columns).take_batch(batch_size=1_000_000, batch_format="numpy")
+        assert set(direct) == set(streamed) == set(workload.training_columns)
+        for column in direct:
+            assert direct[column].dtype == streamed[column].dtype and direct[column].shape == streamed[column].shape, column
+        key = lambda columns, i: (int(columns["label"][i]), np.asarray(columns["image"][i]).tobytes())  # noqa: E731
+        rows = len(direct["label"])  # the same rows; their order is the files' (either is shuffled per epoch)
+        assert sorted(key(direct, i) for i in range(rows)) == sorted(key(streamed, i) for i in range(rows))
 
 
 def test_table_rows_for_prediction_get_unique_file_and_row_ids(ray_session, tmp_path):
