@@ -205,6 +205,7 @@ def test_int8_scales_activations_per_row(tmp_path):
 
 def test_cpu_replica_serves_without_torch_or_transformers(onnx_registry, session_serve):
     from ray import serve
+    from ray.serve import RunTarget
 
     from ray_app.config import ServeConfig
     from ray_app.serving.loaders import RegistryLoader
@@ -221,13 +222,17 @@ def test_cpu_replica_serves_without_torch_or_transformers(onnx_registry, session
     probe = serve.deployment(ImportProbe, ray_actor_options={"num_cpus": 0.1})
     session_serve.start()
     answers = {}
+    settings = ServeConfig(alias_poll_s=0, max_items_per_request=64)
+    apps = {
+        workload: probe.options(name=f"onnx-{workload}", user_config={"model": "production"}).bind(
+            workload, settings, RegistryLoader(models, runtime="onnx")
+        )
+        for workload in ("ctr", "text")
+    }
     try:
-        for workload, payload in (("ctr", CTR_EVENTS), ("text", TEXT_REQUEST)):
-            settings = ServeConfig(alias_poll_s=0, max_items_per_request=64)
-            app = probe.options(name=f"onnx-{workload}", user_config={"model": "production"})
-            handle = serve.run(
-                app.bind(workload, settings, RegistryLoader(models, runtime="onnx")), name=f"onnx-{workload}", route_prefix=None
-            )
+        # Both apps at once: their replicas start side by side.
+        handles = serve.run_many([RunTarget(app, name=f"onnx-{workload}", route_prefix=None) for workload, app in apps.items()])
+        for (workload, payload), handle in zip((("ctr", CTR_EVENTS), ("text", TEXT_REQUEST)), handles, strict=True):
             answers[workload] = handle.predict.remote(payload).result(timeout_s=60)
             assert handle.describe.remote().result()["device"].startswith("cpu (onnxruntime")
             assert handle.heavy_modules.remote().result() == [], workload
