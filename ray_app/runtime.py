@@ -46,9 +46,12 @@ def connect(address: str | None = None, verbose: bool = False, serving: bool = F
     """Start or join Ray; returns the dashboard URL when there is one. Unless ``verbose``, Ray's
     own INFO/WARNING lines and the workers' output go to Ray's log files only (``ray_app.progress``).
     ``serving``: a local instance started here will serve (see ``prepare_local_start``)."""
-    from ray_app import progress
+    from ray_app import progress, worker_start
 
     if not ray.is_initialized():
+        # This process drives stages (ray-app, a notebook kernel, a script): the same fewer GC
+        # passes as Ray's workers; from here on it imports and allocates the most.
+        worker_start.fewer_gc_pauses()
         driver_log = None if verbose else progress.start_driver_log()
         if not verbose:
             progress.quiet_ray_console(driver_log)

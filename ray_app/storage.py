@@ -241,8 +241,17 @@ def _publish_local(final: str, staged: str, token: str) -> None:
         _remove_local(stale)
     now = time.time()
     for stale in _local_siblings(final, "tmp") + _local_siblings(final, "link"):
-        if now - os.lstat(stale).st_mtime > STALE_STAGING_S:
+        if now - _mtime(stale, default=now) > STALE_STAGING_S:
             _remove_local(stale)
+
+
+def _mtime(path: str, default: float) -> float:
+    """A sibling's mtime, or ``default`` when it is gone: another writer may flip or clean up the
+    folder this one just listed (seen with three concurrent writers: the publish died)."""
+    try:
+        return os.lstat(path).st_mtime
+    except FileNotFoundError:
+        return default
 
 
 def _retire_local(final: str, version: str) -> None:

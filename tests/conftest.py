@@ -20,6 +20,7 @@ from ray_app.demos.clicks import MOVIELENS_OPTIONS, movielens_clicks
 from ray_app.demos.data import write_image_folders, write_text_demo
 from ray_app.runtime import forget_stale_cluster_address, prepare_local_start, unused_loopback_port, unused_port_for_a_later_listener
 from ray_app.serving.app import run_serve
+from ray_app.worker_start import fewer_gc_pauses
 
 IMAGE_SHAPE_FLAGS = ["--image-size", "32", "--channels", "3"]
 IMAGES_PER_RUN = 600  # real digits: enough to learn well above chance in a few CPU epochs
@@ -43,6 +44,7 @@ def ray_session(metrics_port):
     # cluster, test_live_cluster, where it is on).
     forget_stale_cluster_address()
     prepare_local_start(serving=True)  # the session serves: spare workers for replicas (ray_app.warm_workers)
+    fewer_gc_pauses()  # the driver's GC settings as `ray-app`'s (cli.main)
     ray.init(
         # A new instance of our own: never attach to a cluster that `ray start` (or a crashed run)
         # left behind, which ray.init() with no address would.

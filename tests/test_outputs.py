@@ -213,6 +213,28 @@ def test_concurrent_writers_never_leave_a_mixed_or_broken_output(tmp_path):
     assert all(r == 30 for _, r in seen)
 
 
+def test_a_publish_survives_another_writers_staging_folder_vanishing_meanwhile(tmp_path, monkeypatch):
+    """A publish sweeps stale staging folders of other writers. One it has just listed can be gone
+    before it is looked at (that writer flipped or cleaned up): seen once with three concurrent
+    writers, where the publish then died with FileNotFoundError. The listing here names one
+    that is already gone."""
+    out = str(tmp_path / "predictions")
+    listed = storage._local_siblings
+
+    def listing_with_a_vanished_folder(final: str, kind: str) -> list[str]:
+        parent, name = os.path.split(final)
+        return [*listed(final, kind), os.path.join(parent, f".{name}.{kind}-20260101T000000-vanished")]
+
+    monkeypatch.setattr(storage, "_local_siblings", listing_with_a_vanished_folder)
+    for tag in ("first", "second"):
+        with storage.publishing(out) as staging:
+            os.makedirs(os.path.join(staging.path, "status=ok"))
+            pq.write_table(pa.table({"tag": [tag] * 10}), os.path.join(staging.path, "status=ok", "part-0.parquet"))
+            with open(os.path.join(staging.path, "manifest.json"), "w") as f:
+                json.dump({"tag": tag}, f)
+    assert read_tag(out) == ("second", 10)
+
+
 # ---- a full disk ---------------------------------------------------------------------------------
 def test_a_full_disk_midway_keeps_the_previous_output_and_says_so(tmp_path):
     out = str(tmp_path / "prepared")

@@ -4,8 +4,9 @@ conftest starts the way ``ray_app.runtime.connect`` does."""
 
 from __future__ import annotations
 
-import gc
 import os
+import subprocess
+import sys
 
 import ray
 
@@ -35,8 +36,17 @@ def test_tasks_and_actors_start_with_the_hook(ray_session):
         assert state["pid"] != os.getpid()
         assert state["threshold"] == FIRST_GENERATION_THRESHOLD, state
         assert state["frozen"] > 10_000, state  # what Ray imported before the hook ran
-    # The driver keeps CPython's defaults: only worker processes run the hook.
-    assert gc.get_threshold()[0] != FIRST_GENERATION_THRESHOLD
+
+
+def test_a_process_that_connects_gets_the_same_gc_settings(ray_session):
+    """A notebook kernel or script that drives stages through ``connect`` (as ``ray-app`` does)
+    collects as the workers do; a bare interpreter keeps CPython's defaults."""
+    probe = "import gc; from ray_app.runtime import connect; print(gc.get_threshold()[0]); connect(); print(gc.get_threshold()[0])"
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    before, after = (int(line) for line in done.stdout.split()[-2:])
+    assert before != FIRST_GENERATION_THRESHOLD and after == FIRST_GENERATION_THRESHOLD
 
 
 def test_a_local_start_keeps_a_hook_the_user_set(monkeypatch):
