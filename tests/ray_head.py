@@ -47,7 +47,7 @@ def wait_for(probe, what: str, limit_s: float = 240):
         value = probe()
         if value:
             return value
-        time.sleep(1)
+        time.sleep(0.25)  # the probes are cheap (a state file, a health check); a second each was idle time
     raise AssertionError(f"gave up waiting for {what}")
 
 
