@@ -48,8 +48,9 @@ KEEP_ALIVE_S = 600
 
 
 def serving_env() -> dict[str, str]:
-    """The environment entry that makes a node's pool workers spares for Serve replicas (set where
-    Ray starts: a local ``ray-app serve``, ``ray start`` via ``ray_app.local_cluster``, the image)."""
+    """The environment entry that makes a node's pool workers spares for Serve replicas, set where
+    Ray starts to serve: a local ``ray-app <workload> serve`` (``runtime.prepare_local_start``),
+    the test session; on a cluster, the serving nodes' environment before ``ray start`` (README)."""
     return {WARM_IMPORTS_VARIABLE: ",".join(SERVE_REPLICA_MODULES)}
 
 
