@@ -17,9 +17,11 @@ How, with Ray's own pool (no patch to Ray):
   nil job id. In those workers, and only where ``WARM_IMPORTS_VARIABLE`` names modules (set where
   Ray starts for serving), ``ray_app.worker_start``'s hook imports them before the worker waits for
   work. A worker started for a job's task never pays for them.
-- Who asks: ``run_serve`` (once the app is deployed, for the first scale-up) and every model
-  replica a few seconds after it started (to replace the spare it may have used). At most one spare
-  per node is asked for: the count is read from the node's processes. A spare is kept for
+- Who asks: ``run_serve`` (once the app is deployed, for the first scale-up), every model replica
+  half a second after it started (to replace the spare it may have used), and the gateway every
+  ``CHECK_EVERY_S`` while one of its models can scale to zero: any task of any job may take the
+  spare (Ray gives it the first work that fits), which leaves the node without one. At most one
+  spare per node is asked for: the count is read from the node's processes and the raylet. A spare is kept for
   ``KEEP_ALIVE_S`` even when every CPU is taken; after that Ray keeps idle workers up to the node's
   free CPUs (its ``num_workers_soft_limit``), so one spare stays on a node whose model replicas went
   to zero.
@@ -33,6 +35,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
+from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,9 @@ WARM_IMPORTS_VARIABLE = "RAY_APP_WARM_IMPORTS"
 POOL_WORKER_JOB_ID = "ffffffff"
 # Long enough to outlive a burst that takes every CPU; Ray's soft limit governs after that.
 KEEP_ALIVE_S = 600
+# How often a gateway checks its node still has a spare: a process scan and, when there is a
+# candidate, one raylet call (a few ms).
+CHECK_EVERY_S = 5.0
 
 
 def serving_env() -> dict[str, str]:
@@ -78,24 +86,39 @@ def warming_enabled() -> bool:
     return bool(os.environ.get(WARM_IMPORTS_VARIABLE))
 
 
-def local_raylet_pid(node_id: str) -> int | None:
-    """The pid of this machine's raylet for ``node_id`` (its command line names the node)."""
-    import psutil
+@dataclass(frozen=True)
+class Raylet:
+    """A raylet on this machine: its process (whose pool workers we count) and its gRPC address."""
 
+    pid: int
+    address: str
+
+
+def local_raylet(node_id: str | None = None) -> Raylet | None:
+    """This machine's raylet for ``node_id`` (default: the caller's node), or None when that raylet
+    runs elsewhere (a remote driver). Its command line names the node."""
+    import psutil
+    import ray
+
+    node_id = node_id or ray.get_runtime_context().get_node_id()
     for process in psutil.process_iter(["name", "cmdline"]):
         cmdline = process.info["cmdline"] or []
         if process.info["name"] == "raylet" and f"--node_id={node_id}" in cmdline:
-            return process.pid
+            (node,) = [n for n in ray.nodes() if n["NodeID"] == node_id and n["Alive"]]
+            return Raylet(process.pid, f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}")
     return None
 
 
-def spares_of(raylet_pid: int, started_only: bool = False) -> int:
+def spare_pids(raylet: Raylet, started_only: bool = False) -> list[int]:
     """Pool workers of that raylet that no job has taken yet: idle (Ray titles them ``ray::IDLE``
     once started) or, unless ``started_only``, still starting. A worker that took an actor (a
-    replica, the Serve controller) has its actor's title instead."""
+    replica, the Serve controller) has its actor's title instead. A worker that ran a job's task
+    is idle again afterwards but bound to that job (Ray gives it only that job's work, so not a
+    replica of another), and its environment still says the nil job: the raylet's view of each
+    worker tells those apart."""
     import psutil
 
-    count = 0
+    candidates: dict[int, bool] = {}  # pid -> started
     for process in psutil.process_iter(["cmdline"]):
         title = (process.info["cmdline"] or [""])[0]
         idle = title.startswith("ray::IDLE")
@@ -105,8 +128,30 @@ def spares_of(raylet_pid: int, started_only: bool = False) -> int:
             env = process.environ()
         except psutil.Error:
             continue
-        count += env.get("RAY_RAYLET_PID") == str(raylet_pid) and env.get("RAY_JOB_ID", "").lower() == POOL_WORKER_JOB_ID
-    return count
+        if env.get("RAY_RAYLET_PID") == str(raylet.pid) and env.get("RAY_JOB_ID", "").lower() == POOL_WORKER_JOB_ID:
+            candidates[process.pid] = idle
+    if any(candidates.values()):
+        bound = _workers_bound_to_a_job(raylet.address)
+        candidates = {pid: started for pid, started in candidates.items() if pid not in bound}
+    return sorted(candidates)
+
+
+def spares_of(raylet: Raylet, started_only: bool = False) -> int:
+    return len(spare_pids(raylet, started_only))
+
+
+def _workers_bound_to_a_job(raylet_address: str) -> set[int]:
+    """Pids of the raylet's registered workers that hold a job (from its ``GetNodeStats`` call,
+    which asks each worker; a few ms)."""
+    from ray._private.grpc_utils import init_grpc_channel
+    from ray.core.generated import node_manager_pb2, node_manager_pb2_grpc
+
+    channel = init_grpc_channel(raylet_address)  # adds the cluster's auth token when token auth is on
+    try:
+        reply = node_manager_pb2_grpc.NodeManagerServiceStub(channel).GetNodeStats(node_manager_pb2.GetNodeStatsRequest(), timeout=10)
+    finally:
+        channel.close()
+    return {w.pid for w in reply.core_workers_stats if w.job_id.hex().lower() != POOL_WORKER_JOB_ID}
 
 
 def keep_one_spare(keep_alive_s: int = KEEP_ALIVE_S) -> bool:
@@ -116,14 +161,10 @@ def keep_one_spare(keep_alive_s: int = KEEP_ALIVE_S) -> bool:
     if not warming_enabled():
         return False
     try:
-        import ray
-
-        node_id = ray.get_runtime_context().get_node_id()
-        raylet_pid = local_raylet_pid(node_id)
-        if raylet_pid is None or spares_of(raylet_pid):
+        raylet = local_raylet()
+        if raylet is None or spares_of(raylet):
             return False  # the raylet is on another machine (a remote driver), or a spare is there
-        (node,) = [n for n in ray.nodes() if n["NodeID"] == node_id and n["Alive"]]
-        _prestart(f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}", 1, keep_alive_s)
+        _prestart(raylet.address, 1, keep_alive_s)
         return True
     except Exception as exc:  # noqa: BLE001 - best effort: a cold start is the fallback, not an error
         log.warning("could not ask the raylet for a spare worker (%s: %s); the next replica starts cold", type(exc).__name__, exc)
@@ -144,3 +185,19 @@ def _prestart(raylet_address: str, count: int, keep_alive_s: int) -> None:
         node_manager_pb2_grpc.NodeManagerServiceStub(channel).PrestartWorkers(request, timeout=10)
     finally:
         channel.close()
+
+
+def keep_a_spare_from_now_on(every_s: float = CHECK_EVERY_S) -> threading.Thread | None:
+    """Check every ``every_s`` that this node has a spare, in a daemon thread (it ends with the
+    process). None where spares are not set up."""
+    if not warming_enabled():
+        return None
+
+    def check_forever() -> None:
+        while True:
+            keep_one_spare()
+            time.sleep(every_s)
+
+    thread = threading.Thread(target=check_forever, name="keep-a-spare-worker", daemon=True)
+    thread.start()
+    return thread

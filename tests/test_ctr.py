@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import ray
 import requests
 from conftest import ROWS
 from ray import serve
@@ -114,8 +113,9 @@ def _wait_for_replicas(count: int, timeout: float = 90) -> bool:
 def test_endpoint_scales_from_zero_answers_and_returns_to_zero(ctr_endpoint, ctr_run):
     assert _wait_for_replicas(0), "no replica should run while idle"
     # The session serves, so its node keeps a spare worker (ray_app.warm_workers): run_serve asked
-    # for one. The replica that wakes up must start on it, with Serve and our code imported.
-    raylet = warm_workers.local_raylet_pid(ray.get_runtime_context().get_node_id())
+    # for one and the gateway replaces it when a task took it. The replica that wakes up must
+    # start on it, with Serve and our code imported.
+    raylet = warm_workers.local_raylet()
     deadline = time.time() + 60
     while not warm_workers.spares_of(raylet, started_only=True) and time.time() < deadline:
         time.sleep(0.25)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import ray
 
 from ray_app import warm_workers
@@ -44,7 +45,7 @@ class Probe:
         return os.getpid(), list(warm_workers.imported_as_spare)
 
 
-def wait_for_spares(raylet: int, count: int, timeout: float = 60) -> int:
+def wait_for_spares(raylet: warm_workers.Raylet, count: int, timeout: float = 60) -> int:
     deadline = time.time() + timeout
     while (found := warm_workers.spares_of(raylet, started_only=True)) != count and time.time() < deadline:
         time.sleep(0.25)
@@ -53,7 +54,7 @@ def wait_for_spares(raylet: int, count: int, timeout: float = 60) -> int:
 
 def test_a_node_gets_one_spare_and_a_new_actor_starts_on_it_warm(ray_session):
     assert warm_workers.warming_enabled()  # the session serves (conftest: prepare_local_start)
-    raylet = warm_workers.local_raylet_pid(ray.get_runtime_context().get_node_id())
+    raylet = warm_workers.local_raylet()
     assert raylet is not None
     # Actors take the spares there are (Ray gives a new actor an idle pool worker), so the node has none.
     takers = []
@@ -73,3 +74,25 @@ def test_a_node_gets_one_spare_and_a_new_actor_starts_on_it_warm(ray_session):
     finally:
         for taker in takers:
             ray.kill(taker)
+
+
+@ray.remote(num_cpus=0)
+def pid_after(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def test_a_spare_that_ran_a_task_is_no_longer_counted_and_is_replaced(ray_session):
+    """Any task may take the spare; once it has, the worker is idle again but bound to that task's
+    job, so a replica cannot start on it. It must not count as the node's spare."""
+    raylet = warm_workers.local_raylet()
+    warm_workers.keep_one_spare()
+    assert wait_for_spares(raylet, 1) == 1
+    (spare,) = warm_workers.spare_pids(raylet, started_only=True)
+    # Enough concurrent tasks to occupy every idle worker: one of them runs on the spare.
+    idle = sum((p.info["cmdline"] or [""])[0].startswith("ray::IDLE") for p in psutil.process_iter(["cmdline"]))
+    ran_on = set(ray.get([pid_after.remote(1.0) for _ in range(idle + 1)]))
+    assert spare in ran_on
+    assert spare not in warm_workers.spare_pids(raylet)
+    assert warm_workers.keep_one_spare() is True, "the node has no spare any more: a new one is asked for"
+    assert wait_for_spares(raylet, 1) == 1

@@ -27,6 +27,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
+from ray_app import warm_workers
 from ray_app.config import DeploymentScaling, ServeConfig
 from ray_app.registry_store import RegistryError
 from ray_app.serving.console import dicom_preview_png, registry_record
@@ -188,6 +189,9 @@ class Gateway:
         # Body digest -> replica deaths it was in flight at (bounded, oldest forgotten first).
         self.suspects: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.model_states: dict[str, dict[str, Any]] = {}
+        if any(limits.min_replicas == 0 for limits in self.settings.workloads.values()):
+            # A model that wakes from zero starts warm on a spare worker; keep one on this node.
+            warm_workers.keep_a_spare_from_now_on()
 
     # ---- open routes ------------------------------------------------------------------------
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
