@@ -20,6 +20,7 @@ import argparse
 import fcntl
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -125,12 +126,43 @@ def agreement(record: dict) -> dict:
 VARIANTS = {"torch_fp32": ("torch", "fp32"), "onnx_fp32": ("onnx", "fp32"), "onnx_int8": ("onnx", "int8")}
 
 
+def serve_variants(args: argparse.Namespace, models: str, record: dict, port: int, bodies: list[bytes]) -> dict[str, list[dict]]:
+    """Each variant deployed in turn (one replica) and loaded at each concurrency."""
+    served: dict[str, list[dict]] = {}
+    for name, (runtime, precision) in VARIANTS.items():
+        if precision == "int8" and not record["int8"]["accepted"]:
+            print(f"  [{name}] not served: register refused the int8 copy ({record['int8']['note']})")
+            continue
+        overrides = {
+            "models": models,
+            "serve.port": port,
+            "serve.min_replicas": 1,
+            "serve.max_replicas": 1,
+            "serve.runtime": runtime,
+            "serve.onnx_precision": precision,
+            "serve.alias_poll_s": 0,
+        }
+        url = run_serve(load_config("text", overrides=overrides))["endpoint"]
+        for body in bodies[:8]:  # warm: first batches, tokenizer load
+            closed_loop(url, lambda i, body=body: (body, "application/json"), 1, 0.2)
+        if args.load_generator == "wrk":
+            rows = [wrk_closed_loop(url, bodies, "application/json", c, args.seconds) for c in args.concurrency]
+        else:
+            rows = [closed_loop(url, lambda i: (bodies[i % len(bodies)], "application/json"), c, args.seconds) for c in args.concurrency]
+        served[name] = rows
+        print(f"  [{name}] " + "  ".join(f"c={r['concurrency']}: {r['req_per_s']:.1f} req/s" for r in rows), flush=True)
+    return served
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--fit-texts", type=int, default=1000)
     parser.add_argument("--agreement-texts", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="the variants one after another this many times; medians and per-round ratios are reported"
+    )
     parser.add_argument("--load-generator", choices=["auto", "wrk", "python"], default="auto")
     parser.add_argument(
         "--fast-path", action="store_true", help="Serve's HAProxy fast path (the cluster configs' mode) instead of the default Python proxy"
@@ -168,36 +200,23 @@ def main() -> None:
         os.environ.update(SERVE_FAST_PATH_ENV)  # read by Ray's processes at start
     results["serve_mode"] = "haproxy" if args.fast_path else "default"
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    results["serving"] = {}
+    rounds: list[dict[str, list[dict]]] = []
     try:
-        for name, (runtime, precision) in VARIANTS.items():
-            if precision == "int8" and not record["int8"]["accepted"]:
-                print(f"  [{name}] not served: register refused the int8 copy ({record['int8']['note']})")
-                continue
-            overrides = {
-                "models": models,
-                "serve.port": port,
-                "serve.min_replicas": 1,
-                "serve.max_replicas": 1,
-                "serve.runtime": runtime,
-                "serve.onnx_precision": precision,
-                "serve.alias_poll_s": 0,
-            }
-            url = run_serve(load_config("text", overrides=overrides))["endpoint"]
-            for body in bodies[:8]:  # warm: first batches, tokenizer load
-                closed_loop(url, lambda i, body=body: (body, "application/json"), 1, 0.2)
-            if args.load_generator == "wrk":
-                rows = [wrk_closed_loop(url, bodies, "application/json", c, args.seconds) for c in args.concurrency]
-            else:
-                rows = [
-                    closed_loop(url, lambda i: (bodies[i % len(bodies)], "application/json"), c, args.seconds) for c in args.concurrency
-                ]
-            results["serving"][name] = rows
+        for _ in range(args.rounds):
+            rounds.append(serve_variants(args, models, record, port, bodies))
     finally:
         serve.shutdown()
         ray.shutdown()
         if lock is not None:
             lock.close()
+    # Per variant and concurrency: the round with the median req/s (one round: that round).
+    results["rounds"] = rounds
+    results["serving"] = {
+        name: [
+            sorted((r[name][i] for r in rounds), key=lambda row: row["req_per_s"])[len(rounds) // 2] for i in range(len(args.concurrency))
+        ]
+        for name in rounds[0]
+    }
 
     e, a = record, results["agreement"]
     print(f"\ntext serving, MiniLM + fitted head (fit on {args.fit_texts} snippets in {results['fit_s']:.0f}s)")
@@ -220,10 +239,11 @@ def main() -> None:
             print(
                 f"  [{name}] c={row['concurrency']:3d}: {row['req_per_s']:7.1f} req/s  p50 {row['p50_ms']:7.1f} ms  p99 {row['p99_ms']:7.1f} ms  failed {row['failed']}"
             )
-    base = results["serving"]["torch_fp32"]
     for name in [n for n in ("onnx_fp32", "onnx_int8") if n in results["serving"]]:
-        for a_row, b_row in zip(base, results["serving"][name], strict=True):
-            print(f"  c={a_row['concurrency']:3d}: {name} / torch_fp32 = {b_row['req_per_s'] / a_row['req_per_s']:.2f}x req/s")
+        for i, c in enumerate(args.concurrency):
+            ratios = [r[name][i]["req_per_s"] / r["torch_fp32"][i]["req_per_s"] for r in rounds]
+            each = ", ".join(f"{x:.2f}" for x in ratios)
+            print(f"  c={c:3d}: {name} / torch_fp32 = {statistics.median(ratios):.2f}x req/s (median of {len(ratios)} rounds: {each})")
     os.makedirs("benchmarks/results", exist_ok=True)
     with open("benchmarks/results/text_serving.json", "w") as f:
         json.dump(results, f, indent=2)

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import ray
 import requests
 from conftest import ROWS
 from ray import serve
@@ -110,15 +111,30 @@ def _wait_for_replicas(count: int, timeout: float = 90) -> bool:
     return False
 
 
+@ray.remote(num_cpus=0)
+class SpareTaker:
+    """Holds an idle pool worker, as any other job's actor or task may."""
+
+    def ready(self) -> bool:
+        return True
+
+
 def test_endpoint_scales_from_zero_answers_and_returns_to_zero(ctr_endpoint, ctr_run):
-    assert _wait_for_replicas(0), "no replica should run while idle"
-    # The session serves, so its node keeps a spare worker (ray_app.warm_workers): run_serve asked
-    # for one and the gateway replaces it when a task took it. The replica that wakes up must
-    # start on it, with Serve and our code imported.
+    # The session serves, so its node keeps a spare worker (ray_app.warm_workers). Other work takes
+    # the spares there are; the gateway, whose model can scale to zero, must ask for a new one.
     raylet = warm_workers.local_raylet()
-    deadline = time.time() + 60
+    takers = []
+    while warm_workers.spares_of(raylet):
+        takers.append(SpareTaker.remote())
+        ray.get(takers[-1].ready.remote())
+    assert _wait_for_replicas(0), "no replica should run while idle"
+    deadline = time.time() + 30
     while not warm_workers.spares_of(raylet, started_only=True) and time.time() < deadline:
         time.sleep(0.25)
+    for taker in takers:
+        ray.kill(taker)
+    assert warm_workers.spares_of(raylet, started_only=True), "the gateway did not replace the spare"
+    # The replica that wakes up must start on it, with Serve and our code imported.
     event = ctr_run["frame"].drop(columns=["click"]).iloc[10].to_dict()
     answer = requests.post(ctr_endpoint, json=event, timeout=120)
     assert answer.status_code == 200, answer.text
