@@ -385,3 +385,19 @@ def test_fuzzed_requests_never_get_a_5xx(base_url, mode):
             assert mode is GenerationMode.NEGATIVE and not operation.definition.raw.get("parameters"), operation.label
     assert {"POST /{workload}/predict", "GET /v1/models", "GET /healthz"} <= set(answered), answered
     assert answered["POST /{workload}/predict"] and answered["GET /{workload}/model"], answered
+
+
+def test_the_gateway_calls_models_with_the_transport_of_the_process_it_runs_in(base_url):
+    """A handle bound in the deploying driver keeps the driver's transport choice (Serve reads
+    RAY_SERVE_USE_GRPC_BY_DEFAULT when it is imported); the gateway remakes its handles where it
+    runs, so the cluster's setting decides. A handle made with the other transport comes back
+    with this process's default."""
+    from ray_app.serving.gateway import handle_made_here
+
+    fresh = serve.get_deployment_handle("ctr-model", app_name="ray_app")
+    default = fresh.handle_options._by_reference
+    from_elsewhere = fresh.options(_by_reference=not default)
+    assert from_elsewhere.handle_options._by_reference is (not default)
+    here = handle_made_here(from_elsewhere)
+    assert (here.deployment_name, here.app_name) == ("ctr-model", "ray_app")
+    assert here.handle_options._by_reference is default
